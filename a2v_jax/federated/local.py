@@ -1,0 +1,105 @@
+"""Local training of ONE client; the client axis is added by ``engine.py`` alone.
+
+A client's data are indices into the shared, cached feature array; padding positions carry a
+mask, so clients of different sizes share one compiled program. An epoch shuffles the client's
+valid indices (``drop_last=False`` like the reference loader) and scans over fixed-size batches;
+a batch with no valid row leaves params and optimiser state untouched.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Mapping, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from a2v_jax.config import Config
+from a2v_jax.federated import optim
+from a2v_jax.federated.state import ClientState
+from a2v_jax.types import Params
+
+
+class Shared(NamedTuple):
+  """Arrays every client reads (not vmapped): cached features, labels, per-class targets."""
+  features: jax.Array              # (N_all, T, D_ast)
+  labels: jax.Array                # (N_all,) int32
+  targets: Mapping[str, jax.Array]  # {branch: (num_classes, ...)}
+
+
+def branch_losses(outputs: Mapping[str, jax.Array], targets: Mapping[str, jax.Array],
+                  mask: jax.Array, cosine_weight: float) -> dict[str, jax.Array]:
+  """Masked mean over the batch of per-sample MSE (+ optional 1 - cosine), per branch."""
+  denom = jnp.maximum(mask.sum(), 1.0)
+  out = {}
+  for b, o in outputs.items():
+    o = o.astype(jnp.float32).reshape(o.shape[0], -1)
+    y = targets[b].astype(jnp.float32).reshape(o.shape[0], -1)
+    per_sample = jnp.mean(jnp.square(o - y), axis=-1)
+    if cosine_weight:
+      cos = jnp.sum(o * y, -1) / (jnp.linalg.norm(o, axis=-1) * jnp.linalg.norm(y, axis=-1) + 1e-8)
+      per_sample = per_sample + cosine_weight * (1.0 - cos)
+    out[b] = jnp.sum(per_sample * mask) / denom
+  return out
+
+
+def make_local_train(cfg: Config, apply_fn: Callable, tx: optax.GradientTransformation,
+                     batch_size: int, steps_per_epoch: int) -> Callable:
+  """Returns ``local_train(client, idx, count, epoch0, shared) -> (client, metrics)`` for one client.
+
+  Args:
+    cfg: run config (local_epochs, cosine weight, reference batch-target bug switch).
+    apply_fn: ``apply_fn(params, tokens) -> {branch: output}``.
+    tx: the client optimiser (unit learning rate, see optim.py).
+    batch_size: B.
+    steps_per_epoch: ceil(n_max / B) for the largest client; idx arrays hold steps * B entries.
+  """
+  schedules = optim.branch_schedules(cfg)
+  cosine_weight = float(cfg.train.cosine_loss_weight)
+  first_target_bug = cfg.train.reference_batch_target_bug
+  local_epochs = cfg.train.local_epochs
+
+  def loss_fn(params: Params, x, y, mask):
+    losses = branch_losses(apply_fn(params, x), y, mask, cosine_weight)
+    return sum(losses.values()), losses
+
+  def local_train(client: ClientState, idx: jax.Array, count: jax.Array, epoch0: jax.Array,
+                  shared: Shared):
+    positions = jnp.arange(idx.shape[0])
+    valid = positions < count
+
+    def one_step(carry, step):
+      params, opt_state, order, epoch = carry
+      pos = jax.lax.dynamic_slice_in_dim(order, step * batch_size, batch_size)
+      bmask = ((step * batch_size + jnp.arange(batch_size)) < count).astype(jnp.float32)
+      rows = idx[pos]
+      labels = shared.labels[rows]
+      if first_target_bug:  # reference VEGAS collate: the first sample's class for the whole batch
+        labels = jnp.broadcast_to(labels[0], labels.shape)
+      x = shared.features[rows]
+      y = {b: t[labels] for b, t in shared.targets.items()}
+      (_, losses), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, x, y, bmask)
+      updates, new_opt = tx.update(grads, opt_state, params)
+      updates = optim.scale_by_branch_lr(updates, epoch, schedules)
+      new_params = optax.apply_updates(params, updates)
+      has_data = bmask.sum() > 0
+      keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(has_data, n, o), new, old)
+      carry = (keep(new_params, params), keep(new_opt, opt_state), order, epoch)
+      return carry, ({b: l * has_data for b, l in losses.items()}, has_data)
+
+    def one_epoch(carry, e):
+      params, opt_state, rng = carry
+      rng, sub = jax.random.split(rng)
+      noise = jax.random.uniform(sub, idx.shape)
+      order = jnp.argsort(jnp.where(valid, noise, 2.0))  # valid rows first, shuffled
+      (params, opt_state, _, _), (losses, real) = jax.lax.scan(
+          one_step, (params, opt_state, order, epoch0 + e), jnp.arange(steps_per_epoch))
+      n_real = jnp.maximum(real.sum(), 1)
+      return (params, opt_state, rng), {b: l.sum() / n_real for b, l in losses.items()}
+
+    (params, opt_state, rng), per_epoch = jax.lax.scan(
+        one_epoch, (client.params, client.opt_state, client.rng), jnp.arange(local_epochs))
+    metrics = {f"{b}_loss": v[-1] for b, v in per_epoch.items()}
+    return client.replace(params=params, opt_state=opt_state, rng=rng), metrics
+
+  return local_train

@@ -1,0 +1,133 @@
+"""Run directory bookkeeping: metrics.jsonl / metrics.csv per round, a printed table, a final plot.
+
+Metric names follow the reference's wandb keys (``test/node_{i}/...``, ``test/server/...``,
+``train/node_{i}/...``) so dashboards built for it keep working; wandb itself is optional.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import re
+from pathlib import Path
+from typing import Any, Optional
+
+
+class RunDirError(RuntimeError):
+  """The run directory holds an earlier run that this one would overwrite."""
+
+
+class RunLog:
+  """Appends one row per round; rewrites the CSV from the JSONL so columns stay aligned."""
+
+  def __init__(self, run_dir: Path, *, resume: bool, verbose: bool = True):
+    self.run_dir = Path(run_dir)
+    self.jsonl = self.run_dir / "metrics.jsonl"
+    self.verbose = verbose
+    if self.jsonl.exists() and not resume:
+      raise RunDirError(
+          f"run directory {self.run_dir} already holds a run (metrics.jsonl); pass --resume to "
+          "continue it, or choose another experiment name (--set name=...) so nothing is overwritten")
+    self.run_dir.mkdir(parents=True, exist_ok=True)
+    self.rows: list[dict[str, Any]] = []
+    if self.jsonl.exists():
+      self.rows = [json.loads(l) for l in self.jsonl.read_text().splitlines() if l.strip()]
+    self._printed_header = False
+
+  def truncate_after(self, round_: int) -> None:
+    """Drops rows of rounds after the restored checkpoint (they will be recomputed)."""
+    self.rows = [r for r in self.rows if r["round"] <= round_]
+    self._rewrite()
+
+  def _rewrite(self) -> None:
+    tmp = self.jsonl.with_suffix(".jsonl.tmp")
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in self.rows))
+    tmp.replace(self.jsonl)
+    self._write_csv()
+
+  def _write_csv(self) -> None:
+    keys: list[str] = []
+    for r in self.rows:
+      keys += [k for k in r if k not in keys]
+    tmp = self.run_dir / "metrics.csv.tmp"
+    with open(tmp, "w", newline="") as f:
+      w = csv.DictWriter(f, fieldnames=keys)
+      w.writeheader()
+      w.writerows(self.rows)
+    tmp.replace(self.run_dir / "metrics.csv")
+
+  def append(self, row: dict[str, Any]) -> None:
+    self.rows.append(row)
+    with open(self.jsonl, "a") as f:
+      f.write(json.dumps(row) + "\n")
+    self._write_csv()
+    if self.verbose:
+      self._print(row)
+
+  @staticmethod
+  def short(row: dict[str, Any]) -> str:
+    parts = [f"{k.split('/')[-1].replace('_on_test', '')}={v:.3f}" for k, v in row.items()
+             if k.startswith("test/server/") and k.endswith("accuracy_on_test")]
+    return " ".join(parts)
+
+  def _print(self, row: dict[str, Any]) -> None:
+    """Round table: one line per model (server, nodes), test-split accuracy / centred cosine / nmse."""
+    models: dict[str, dict[str, float]] = {}
+    for k, v in row.items():
+      m = re.match(r"test/(server|node_\d+)/(\w+)_on_test$", k)
+      if m:
+        models.setdefault(m.group(1), {})[m.group(2)] = v
+    losses = {}
+    for k, v in row.items():
+      m = re.match(r"train/(node_\d+)/(\w+)_loss$", k)
+      if m:
+        losses.setdefault(m.group(1), {})[m.group(2)] = v
+    if not models:
+      loss_txt = " ".join(f"{n}:{sum(d.values()):.4f}" for n, d in losses.items())
+      print(f"round {row['round']}: train loss {loss_txt}")
+      return
+    cols = sorted({c for d in models.values() for c in d if c.endswith(("accuracy", "centred_cosine", "nmse"))})
+    lines = [f"round {row['round']} ({row['round_seconds']:.2f} s)  test split",
+             f"  {'model':<8}" + "".join(f"{c:>20}" for c in cols) + f"{'train loss':>12}"]
+    for name in sorted(models, key=lambda n: (n != "server", int(n.split('_')[1]) if '_' in n else -1)):
+      vals = "".join(f"{models[name].get(c, float('nan')):>20.4f}" for c in cols)
+      tl = losses.get(name)
+      lines.append(f"  {name:<8}{vals}{(sum(tl.values()) if tl else float('nan')):>12.4f}")
+    print("\n".join(lines))
+
+  def finish(self, cfg, extra: Optional[dict] = None) -> dict[str, Any]:
+    """Writes summary.json and plot.png; returns the summary."""
+    last_eval = next((r for r in reversed(self.rows) if any(k.startswith("test/") for k in r)), {})
+    summary = {"run_dir": str(self.run_dir), "rounds": len(self.rows),
+               "final": {k: v for k, v in last_eval.items() if k.startswith("test/server/")},
+               **(extra or {})}
+    (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    try:
+      self.plot(self.run_dir / "plot.png")
+    except Exception as e:  # a plot must never lose a finished run
+      print(f"warning: plot not written: {e}")
+    if self.verbose:
+      print("final (server, test split):")
+      for k, v in summary["final"].items():
+        if k.endswith("_on_test"):
+          print(f"  {k.split('/')[-1]:<40} {v:.4f}")
+    return summary
+
+  def plot(self, path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
+    for key in sorted({k for r in self.rows for k in r if re.match(r"test/server/\w+_accuracy_on_test$", k)}):
+      pts = [(r["round"], r[key]) for r in self.rows if key in r]
+      ax1.plot(*zip(*pts), marker="o", label=key.split("/")[-1].replace("_on_test", " (server)"))
+    for key in sorted({k for r in self.rows for k in r if re.match(r"train/node_\d+/\w+_loss$", k)}):
+      pts = [(r["round"], r[key]) for r in self.rows if key in r]
+      ax2.plot(*zip(*pts), alpha=0.6, label=key.replace("train/", ""))
+    ax1.set(xlabel="round", ylabel="nearest-target accuracy (test)", ylim=(0, 1.02))
+    ax2.set(xlabel="round", ylabel="train loss (last local epoch)", yscale="log")
+    ax1.legend(fontsize=7)
+    ax2.legend(fontsize=6, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
