@@ -242,7 +242,6 @@ REFERENCE_SECTIONS = ("feda2v", "federation", "training", "experiment", "model",
 # Reference key names that differ from ours.
 ALIASES: dict[str, str] = {
     "learning_rate": "kd_learning_rate",
-    "seed": "seed",
     "generate_embeddings_only": "save_embeddings_instead_of_images",
     "audio_model_name": "ast_model",
     "generator_checkpoint_freq": "generator_checkpoint_frequency",
@@ -317,7 +316,7 @@ def _flatten(raw: dict[str, Any], where: str) -> dict[str, Any]:
   """Turns a sectioned / reference-sectioned / flat mapping into {field: value}."""
   flat: dict[str, Any] = {}
   for key, value in raw.items():
-    if key in SECTIONS or key in REFERENCE_SECTIONS:
+    if key in SECTIONS or (key in REFERENCE_SECTIONS and isinstance(value, dict)):
       if not isinstance(value, dict):
         raise ConfigError(f"config section '{key}' in {where} must be an object")
       for k, v in value.items():

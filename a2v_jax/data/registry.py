@@ -27,7 +27,23 @@ def _read_fsdd(root: str) -> ClipSet:
 
 
 # Dataset name (``DataConfig.dataset``) -> reader of its root folder. Extend in place.
-READERS: dict[str, Reader] = {"fsdd": _read_fsdd}
+def _read_vegas(root: str) -> ClipSet:
+  from a2v_jax.data.vegas import read_vegas
+  return read_vegas(root)
+
+
+def _read_esc50(root: str) -> ClipSet:
+  from a2v_jax.data.esc50 import read_esc50
+  return read_esc50(root)
+
+
+def _read_vggsound(root: str) -> ClipSet:
+  from a2v_jax.data.vggsound import read_vggsound
+  return read_vggsound(root)
+
+
+READERS: dict[str, Reader] = {"fsdd": _read_fsdd, "vegas": _read_vegas, "esc50": _read_esc50,
+                              "vggsound": _read_vggsound}
 
 
 def select_classes(clipset: ClipSet, names: Optional[Sequence[str]]) -> ClipSet:
