@@ -1,0 +1,82 @@
+"""Evaluate a finished run on any folder of clips laid out like its training dataset.
+
+python -m experiments.evaluate --run checkpoints/runs/fsdd_tiny --data path/to/recordings [--nodes]
+
+For FSDD the folder holds ``{digit}_{speaker}_{take}.wav`` files, e.g. recordings of a new
+speaker. Every clip of the folder is evaluated (no split), with the run's own backbones, feature
+settings and class targets; results are printed and written to ``RUN/eval_<folder>.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+from pathlib import Path
+
+
+def main(argv=None) -> int:
+  p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  p.add_argument("--run", required=True, help="run directory (holds config.json and state/)")
+  p.add_argument("--data", required=True, help="folder of clips in the training dataset's layout")
+  p.add_argument("--nodes", action="store_true", help="also evaluate every node's model")
+  p.add_argument("--round", type=int, default=None, help="checkpoint round (default: latest)")
+  args = p.parse_args(argv)
+
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+  import orbax.checkpoint as ocp
+
+  from a2v_jax import config as config_lib
+  from a2v_jax import features as features_lib
+  from a2v_jax.data.registry import read_dataset
+  from a2v_jax.federated.evaluate import make_evaluator, pad_indices
+  from a2v_jax.federated.local import Shared
+
+  run = Path(args.run)
+  if not (run / "config.json").is_file():
+    print(f"error: {run} is not a run directory (no config.json)", file=sys.stderr)
+    return 2
+  cfg = config_lib.from_dict(json.loads((run / "config.json").read_text()), where=str(run / "config.json"))
+  data_cfg = dataclasses.replace(cfg.data, dataset_root=args.data)
+  clipset = read_dataset(data_cfg)
+  feats = features_lib.ast_features(cfg, clipset)
+  targets = features_lib.text_targets(cfg, clipset.class_names)
+  manager = ocp.CheckpointManager((run / "state").absolute(), item_names=("state", "meta"))
+  step = args.round if args.round is not None else manager.latest_step()
+  if step is None:
+    print(f"error: no checkpoint under {run / 'state'}", file=sys.stderr)
+    return 2
+  state = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))["state"]
+
+  from a2v_jax.models.heads import make_heads
+  heads = make_heads(cfg, {b: t.shape[1:] for b, t in targets.items()})
+  evaluate = jax.jit(make_evaluator(lambda prm, x: heads.apply({"params": prm}, x.astype(jnp.float32)),
+                                    cfg.train.batch_size))
+  shared = Shared(jnp.asarray(feats), jnp.asarray(clipset.labels), {b: jnp.asarray(t) for b, t in targets.items()})
+  idx, n = pad_indices(np.arange(len(clipset)), cfg.train.batch_size)
+  results = {"run": str(run), "data": args.data, "round": int(step), "clips": n}
+  models = {"server": state["server"]["params"]}
+  if args.nodes:
+    client_params = state["clients"]["params"]
+    num = jax.tree.leaves(client_params)[0].shape[0]
+    for i in range(num):
+      models[f"node_{i}"] = jax.tree.map(lambda x: x[i], client_params)
+  for name, params in models.items():
+    m = evaluate(params, jnp.asarray(idx), n, shared)
+    for k, v in m.items():
+      results[f"test/{name}/{k}"] = float(v)
+  print(f"{n} clips from {args.data}, checkpoint round {step}")
+  for k, v in results.items():
+    if k.startswith("test/") and ("accuracy" in k or "centred" in k):
+      print(f"  {k:<45} {v:.4f}")
+  out = run / f"eval_{Path(args.data).name}.json"
+  out.write_text(json.dumps(results, indent=2))
+  print(f"written {out}")
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
