@@ -148,6 +148,8 @@ class FederationConfig:
   adapter_aggregation_mode: Literal["avg", "weighted", "none", "centralised", "kd"] = "avg"
   join_ratio: float = 1.0
   server_learning_rate: float = 1.0
+  # Server momentum on the mean client delta (FedAvgM, Hsu et al. 2019); 0 = plain FedAvg.
+  server_momentum: float = 0.0
   eval_gap: int = 1
   checkpoint_frequency: int = 1
   max_to_keep: int = 2

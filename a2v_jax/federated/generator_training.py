@@ -16,9 +16,10 @@ Slots. A *slot* is one generator (one param set, one AdamW state). Its *key* fol
 Both cases are the same program: ``train_slot`` scans over V *visits* (V = 1 non-shared, V = nodes
 shared); a visit scans over epochs, an epoch over fixed-size batches. Rows are gathered from one feature
 pool by (G, V, M) index arrays padded to a multiple of ``generator_batch_size``; padding rows carry
-mask 0, a batch without valid rows leaves params and optimiser state untouched, and the epoch shuffle
-draws one key per row *position*, so the result does not depend on how much padding there is: unequal
-clients share one compiled program (compiled once per configuration and shape) and equal a per-client loop.
+mask 0, a batch without valid rows leaves params and optimiser state untouched, the epoch shuffle
+hashes each row's *position*, and every visit / epoch / batch key is a ``fold_in`` of indices that do
+not depend on padding or on the other slots; so unequal clients share one compiled program (compiled
+once per configuration and padded size) and give exactly what a per-client loop gives.
 
 Reset (``reset_generator_on_class_change``). Our generators are trained once per slot and continue
 across rounds (the reference retrained every class from scratch every round, spec 5.4). With the flag
@@ -42,13 +43,15 @@ import dataclasses
 import functools
 import hashlib
 import json
-from typing import Any, Callable, Mapping, NamedTuple, Optional, Sequence
+import math
+from typing import Any, Callable, Optional, Sequence
 
 import flax.struct
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from jax.flatten_util import ravel_pytree
 
 from a2v_jax.config import ConfigError, GeneratorConfig
 from a2v_jax.models import generators as gen
@@ -85,7 +88,11 @@ class GeneratorSpec:
   @classmethod
   def from_config(cls, cfg: GeneratorConfig, feature_shape: Sequence[int], num_classes: int,
                   cond_dim: Optional[int] = None) -> "GeneratorSpec":
-    """Builds the spec from the config; ``feature_shape`` = (T, D) of the cached features."""
+    """Builds the spec from the config; ``feature_shape`` = (T, D) of the cached features.
+
+    ``generator_type`` 'cvae', or 'vae' with ``use_conditioned_vae``, is a conditioned VAE;
+    ``use_conditioned_vae`` with 'gan' conditions the GAN's generator and discriminator alike.
+    """
     source_length, feature_dim = (int(v) for v in feature_shape[-2:])
     return cls(
         generator_type="gan" if cfg.generator_type == "gan" else "vae",
@@ -253,10 +260,23 @@ def synthetic_counts(cfg: GeneratorConfig, labels: Any, mask: Any, num_classes: 
   return counts
 
 
-def slot_keys(key: PRNGKey, num_slots: int, num_visits: int) -> jax.Array:
-  """(G, V) keys: ``fold_in(fold_in(key, slot), visit)`` -- a slot's randomness is its own."""
-  fold = lambda s, v: jax.random.fold_in(jax.random.fold_in(key, s), v)
-  return jax.vmap(lambda s: jax.vmap(lambda v: fold(s, v))(jnp.arange(num_visits)))(jnp.arange(num_slots))
+def _row_order(key: PRNGKey, valid: jax.Array) -> jax.Array:
+  """A shuffle of row positions, valid rows first, from an integer hash of (key, position).
+
+  Why a hash: the order of row i must not depend on how many padding rows follow (so padding is
+  irrelevant), and a murmur3 finaliser compiles to a handful of ops where a threefry draw per row
+  would cost seconds of XLA compile time on CPU.
+  """
+  data = jax.random.key_data(key) if jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key) else key
+  seed = data.reshape(-1).astype(jnp.uint32)
+
+  def fmix(h):
+    h = (h ^ (h >> 16)) * jnp.uint32(0x85EBCA6B)
+    h = (h ^ (h >> 13)) * jnp.uint32(0xC2B2AE35)
+    return h ^ (h >> 16)
+
+  h = fmix(fmix(jnp.arange(valid.shape[0], dtype=jnp.uint32) * jnp.uint32(0x9E3779B9) ^ seed[0]) ^ seed[-1])
+  return jnp.argsort(jnp.where(valid, h, jnp.uint32(0xFFFFFFFF)), stable=True)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -274,145 +294,187 @@ def models(spec: GeneratorSpec) -> dict[str, Any]:
   cond_dim = spec.cond_dim if spec.conditioned else 0
   if spec.generator_type == "vae":
     cls = gen.ConditionedVAEGenerator if spec.conditioned else gen.VAEGenerator
-    return {"vae": cls(spec.feature_dim, spec.hidden_dim, spec.latent_dim, spec.seq_len, cond_dim)}
-  return {"generator": gen.GANGenerator(spec.feature_dim, spec.hidden_dim, spec.latent_dim, spec.seq_len, cond_dim),
-          "discriminator": gen.GANDiscriminator(spec.hidden_dim, spec.seq_len, cond_dim)}
+    return {"vae": cls(feature_dim=spec.feature_dim, hidden_dim=spec.hidden_dim, latent_dim=spec.latent_dim,
+                       seq_len=spec.seq_len, cond_dim=cond_dim)}
+  return {"generator": gen.GANGenerator(feature_dim=spec.feature_dim, hidden_dim=spec.hidden_dim,
+                                        latent_dim=spec.latent_dim, seq_len=spec.seq_len, cond_dim=cond_dim),
+          "discriminator": gen.GANDiscriminator(hidden_dim=spec.hidden_dim, seq_len=spec.seq_len, cond_dim=cond_dim)}
 
 
-def _init_slot(spec: GeneratorSpec, key: PRNGKey) -> tuple[Params, OptState]:
+def _init_std(shapes: Params) -> np.ndarray:
+  """Per-element std of the init draw, in ravel order: LeCun normal for kernels (linen's default,
+  untruncated), 0 for biases, 1 for the token / position embedding tables."""
+  def std(path, leaf):
+    name = str(getattr(path[-1], "key", path[-1]))
+    value = 0.0 if name == "bias" else 1.0 if name.endswith("embedding") else 1.0 / math.sqrt(leaf.shape[0])
+    return np.full(leaf.shape, value, np.float32)
+  return ravel_pytree(jax.tree_util.tree_map_with_path(std, shapes))[0]
+
+
+def init_slot(spec: GeneratorSpec, key: PRNGKey) -> tuple[Params, OptState]:
+  """(params, AdamW state) of one fresh generator.
+
+  Params: the modules' shapes (``jax.eval_shape`` of ``init``) filled from ONE normal draw scaled per
+  leaf (see ``_init_std``): the modules' own initialisers draw once per leaf, and each threefry draw
+  costs a compile on CPU. The AdamW state is over the *raveled* params (one flat vector per network),
+  so the optimiser compiles to a few fused ops rather than a few per leaf; params stay a tree.
+  """
   m, tx = models(spec), optimizer(spec)
-  x = jnp.zeros((1, spec.seq_len, spec.feature_dim))
-  cond = jnp.zeros((1, spec.cond_dim)) if spec.conditioned else None
-  k1, k2 = jax.random.split(key)
+  x = jax.ShapeDtypeStruct((1, spec.seq_len, spec.feature_dim), jnp.float32)
+  z = jax.ShapeDtypeStruct((1, spec.latent_dim), jnp.float32)
+  cond = jax.ShapeDtypeStruct((1, spec.cond_dim), jnp.float32) if spec.conditioned else None
+  k0 = jax.random.key(0)
   if spec.generator_type == "vae":
-    params = m["vae"].init(k1, x, k2, cond)
-    return params, tx.init(params)
-  params = {"generator": m["generator"].init(k1, jnp.zeros((1, spec.latent_dim)), cond),
-            "discriminator": m["discriminator"].init(k2, x, cond)}
-  return params, {k: tx.init(v) for k, v in params.items()}
+    shapes = {"vae": jax.eval_shape(m["vae"].init, k0, x, z, cond)}
+  else:
+    shapes = {"generator": jax.eval_shape(m["generator"].init, k0, z, cond),
+              "discriminator": jax.eval_shape(m["discriminator"].init, k0, x, cond)}
+  std = _init_std(shapes)
+  flat, unravel = ravel_pytree(jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), shapes))
+  nets = unravel(jax.random.normal(key, flat.shape) * std)
+  opt = {k: tx.init(ravel_pytree(v)[0]) for k, v in nets.items()}
+  return (nets["vae"], opt["vae"]) if spec.generator_type == "vae" else (nets, opt)
 
 
-def _make_step(spec: GeneratorSpec) -> Callable:
-  """``step(params, opt, xb, yb, mb, key, epoch, cond_table) -> (params, opt, parts)`` on one batch."""
+_init_slot_jit = jax.jit(init_slot, static_argnums=0)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 2))
+def _init_slots(spec: GeneratorSpec, key: PRNGKey, num_slots: int) -> tuple[Params, OptState]:
+  """``init_slot`` broadcast to a leading slot axis, in one program (no per-leaf eager broadcasts)."""
+  return jax.tree.map(lambda a: jnp.broadcast_to(a, (num_slots,) + a.shape), init_slot(spec, key))
+
+
+def _make_step(spec: GeneratorSpec, unravel: Any) -> Callable:
+  """``step(flat, opt, xb, yb, mb, key, epoch, cond_table) -> (flat, opt, parts)`` on one batch.
+
+  ``flat`` is the raveled params (a dict of two for the GAN), ``unravel`` its inverse. All randomness
+  of a step (input noise, then the reparameterisation noise or the GAN's z) comes from one normal draw.
+  """
   m, tx = models(spec), optimizer(spec)
+  feat = spec.seq_len * spec.feature_dim if spec.noise_std else 0
 
-  def noisy(x, key):
-    return x + spec.noise_std * jax.random.normal(key, x.shape, x.dtype) if spec.noise_std else x
+  def draw(xb, key):
+    r = jax.random.normal(key, (xb.shape[0], feat + spec.latent_dim), xb.dtype)
+    x = xb + spec.noise_std * r[:, :feat].reshape(xb.shape) if feat else xb
+    return x, r[:, feat:]
 
-  def vae_step(params, opt_state, xb, yb, mb, key, epoch, cond_table):
-    k_noise, k_eps = jax.random.split(key)
-    x_in, cond = noisy(xb, k_noise), (cond_table[yb] if spec.conditioned else None)
+  def vae_step(flat, opt_state, xb, yb, mb, key, epoch, cond_table):
+    x_in, eps = draw(xb, key)
+    cond = cond_table[yb] if spec.conditioned else None
 
-    def loss_fn(p):
-      x_hat, mu, logvar = m["vae"].apply(p, x_in, k_eps, cond)
+    def loss_fn(f):
+      x_hat, mu, logvar = m["vae"].apply(unravel(f), x_in, eps, cond)
       return gen.vae_loss(x_hat, xb, mu, logvar, epoch, spec.total_epochs, mb)
 
-    (_, parts), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
-    updates, opt_state = tx.update(grads, opt_state, params)
-    return optax.apply_updates(params, updates), opt_state, parts
+    (_, parts), grads = jax.value_and_grad(loss_fn, has_aux=True)(flat)
+    updates, opt_state = tx.update(grads, opt_state, flat)
+    return flat + updates, opt_state, parts
 
-  def gan_step(params, opt_state, xb, yb, mb, key, epoch, cond_table):
+  def gan_step(flat, opt_state, xb, yb, mb, key, epoch, cond_table):
     del epoch
-    k_noise, k_z = jax.random.split(key)
-    real, cond = noisy(xb, k_noise), (cond_table[yb] if spec.conditioned else None)
-    g, d = m["generator"], m["discriminator"]
-    z = jax.random.normal(k_z, (xb.shape[0], spec.latent_dim))
-    fake = jax.lax.stop_gradient(g.apply(params["generator"], z, cond))
+    real, z = draw(xb, key)  # input noise on the real rows acts as instance noise for D
+    cond = cond_table[yb] if spec.conditioned else None
+    g = lambda f, z: m["generator"].apply(unravel["generator"](f), z, cond)
+    d = lambda f, x: m["discriminator"].apply(unravel["discriminator"](f), x, cond)
+    fake = jax.lax.stop_gradient(g(flat["generator"], z))
 
-    def d_loss_fn(pd):  # discriminator step, fakes fixed
-      _, parts = gen.gan_losses(d.apply(pd, real, cond), d.apply(pd, fake, cond), mb)
+    def d_loss_fn(fd):  # discriminator step, fakes fixed
+      _, parts = gen.gan_losses(d(fd, real), d(fd, fake), mb)
       return parts["d_loss"], parts
 
-    (_, parts), gd = jax.value_and_grad(d_loss_fn, has_aux=True)(params["discriminator"])
-    ud, od = tx.update(gd, opt_state["discriminator"], params["discriminator"])
-    pd = optax.apply_updates(params["discriminator"], ud)
+    (_, parts), gd = jax.value_and_grad(d_loss_fn, has_aux=True)(flat["discriminator"])
+    ud, od = tx.update(gd, opt_state["discriminator"], flat["discriminator"])
+    fd = flat["discriminator"] + ud
 
-    def g_loss_fn(pg):  # generator step against the updated discriminator
-      _, p = gen.gan_losses(jnp.zeros(xb.shape[0]), d.apply(pd, g.apply(pg, z, cond), cond), mb)
-      return p["g_loss"]
+    def g_loss_fn(fg):  # generator step against the updated discriminator
+      return gen.gan_losses(jnp.zeros(xb.shape[0]), d(fd, g(fg, z)), mb)[1]["g_loss"]
 
-    g_loss, gg = jax.value_and_grad(g_loss_fn)(params["generator"])
-    ug, og = tx.update(gg, opt_state["generator"], params["generator"])
+    g_loss, gg = jax.value_and_grad(g_loss_fn)(flat["generator"])
+    ug, og = tx.update(gg, opt_state["generator"], flat["generator"])
     parts = dict(parts, g_loss=g_loss, loss=parts["d_loss"] + g_loss)
-    return ({"generator": optax.apply_updates(params["generator"], ug), "discriminator": pd},
-            {"generator": og, "discriminator": od}, parts)
+    return {"generator": flat["generator"] + ug, "discriminator": fd}, {"generator": og, "discriminator": od}, parts
 
   return vae_step if spec.generator_type == "vae" else gan_step
 
 
-class SlotCarry(NamedTuple):
-  params: Params
-  opt_state: OptState
-  epoch: jax.Array   # () int32
-  seen: jax.Array    # (K,) bool
+def _ravel(spec: GeneratorSpec, params: Params) -> tuple[Any, Any]:
+  if spec.generator_type == "vae":
+    return ravel_pytree(params)
+  pairs = {k: ravel_pytree(v) for k, v in params.items()}
+  return {k: f for k, (f, _) in pairs.items()}, {k: u for k, (_, u) in pairs.items()}
 
 
 def _where(pred: jax.Array, a: Any, b: Any) -> Any:
   return jax.tree.map(lambda x, y: jnp.where(pred, x, y), a, b)
 
 
-def make_slot_trainer(spec: GeneratorSpec, epochs: int) -> Callable:
-  """``train_slot(carry, pool, rows, rmask, ylab, keys, cond_table) -> (carry, metrics)`` for ONE slot.
+def make_slot_trainer(spec: GeneratorSpec, epochs: int, with_reset: bool = False) -> Callable:
+  """``train_slot(carry, pool, rows, rmask, ylab, vid, epoch0, reset, fresh, key, cond_table)`` for ONE slot.
 
   Args of the returned function:
-    carry: SlotCarry of the slot.
-    pool: (R, S, D) feature pool (pooled to S tokens).
-    rows, rmask, ylab: (V, M) pool row, validity and label of each row of each visit, M % B == 0.
-    keys: (V,) one key per visit.
+    carry: (params, opt_state) of the slot.
+    pool: (R, S, D) feature pool (already pooled to S tokens).
+    rows, rmask, ylab: (V, M) pool row, validity and label of each row of each visit; M % B == 0.
+    vid: (V,) global visit ids (slot * V + visit): visit j draws from ``fold_in(key, vid[j])``, then
+      epoch e from ``fold_in(., e)`` and batch b from ``fold_in(., b)`` -- a visit's randomness is its
+      own whatever other slots exist or how much padding there is (what makes vmapped == looped).
+    epoch0: (V,) schedule epoch at the start of each visit.
+    reset: (V,) re-initialise (to ``fresh``) before the visit; used only when ``with_reset``.
+    fresh: (params, opt_state) of a fresh generator, or None.
+    key: the call's PRNG key (shared by all slots).
     cond_table: (K, cond_dim).
 
   Returns:
-    (carry, metrics) with metrics {name: (V, epochs)} (means over the epoch's active batches) and
-    "active": (V,) whether the visit had rows.
+    (carry, metrics), metrics {name: (V, epochs)}: means over each epoch's batches that had rows.
   """
-  step_fn, bsz = _make_step(spec), spec.batch_size
+  bsz = spec.batch_size
 
-  def visit(carry: SlotCarry, inp, pool, cond_table):
-    rows, m, y, key = inp
-    x = pool[rows]
-    steps = rows.shape[0] // bsz
-    active = m.sum() > 0
-    present = jnp.zeros(spec.num_classes, bool).at[y].max(m > 0)
-    k_reset, k_epochs = jax.random.split(key)
-    if spec.reset_on_new_class:
-      do_reset = active & jnp.any(present & ~carry.seen) & jnp.any(carry.seen)
-      fresh = SlotCarry(*_init_slot(spec, k_reset), jnp.zeros((), jnp.int32), jnp.zeros_like(carry.seen))
-      carry = _where(do_reset, fresh, carry)
-    epoch0 = carry.epoch
+  def visit(carry, inp, pool, fresh, key, cond_table, step_fn):
+    rows, m, y, vid, epoch0, reset = inp
+    kv = jax.random.fold_in(key, vid)
+    if with_reset:
+      carry = _where(reset, fresh, carry)
+    x, steps = pool[rows], rows.shape[0] // bsz
 
     def epoch_fn(c, e):
-      params, opt_state = c
-      k_perm, k_steps = jax.random.split(jax.random.fold_in(k_epochs, e))
-      prio = jax.vmap(lambda i: jax.random.uniform(jax.random.fold_in(k_perm, i)))(jnp.arange(rows.shape[0]))
-      perm = jnp.argsort(jnp.where(m > 0, prio, 2.0)).reshape(steps, bsz)
+      ek = jax.random.fold_in(kv, e)
+      perm = _row_order(ek, m > 0).reshape(steps, bsz)
 
       def batch_fn(c, inp):
         s, idx = inp
         mb = m[idx]
-        p, o, parts = step_fn(*c, x[idx], y[idx], mb, jax.random.fold_in(k_steps, s), epoch0 + e, cond_table)
+        p, o, parts = step_fn(*c, x[idx], y[idx], mb, jax.random.fold_in(ek, s), epoch0 + e, cond_table)
         ok = mb.sum() > 0
         return _where(ok, (p, o), c), (parts, ok)
 
-      c, (parts, ok) = jax.lax.scan(batch_fn, (params, opt_state), (jnp.arange(steps), perm))
+      c, (parts, ok) = jax.lax.scan(batch_fn, c, (jnp.arange(steps), perm))
       n = jnp.maximum(ok.sum(), 1)
       return c, {k: jnp.sum(v * ok) / n for k, v in parts.items()}
 
-    (params, opt_state), metrics = jax.lax.scan(epoch_fn, (carry.params, carry.opt_state), jnp.arange(epochs))
-    carry = SlotCarry(params, opt_state, carry.epoch + epochs * active.astype(jnp.int32), carry.seen | present)
-    return carry, dict(metrics, active=active)
+    return jax.lax.scan(epoch_fn, carry, jnp.arange(epochs))
 
-  def train_slot(carry, pool, rows, rmask, ylab, keys, cond_table):
-    return jax.lax.scan(lambda c, i: visit(c, i, pool, cond_table), carry, (rows, rmask, ylab, keys))
+  def train_slot(carry, pool, rows, rmask, ylab, vid, epoch0, reset, fresh, key, cond_table):
+    (flat, unravel), opt_state = _ravel(spec, carry[0]), carry[1]
+    if with_reset:
+      fresh = (_ravel(spec, fresh[0])[0], fresh[1])
+    step_fn = _make_step(spec, unravel)
+    (flat, opt_state), metrics = jax.lax.scan(lambda c, i: visit(c, i, pool, fresh, key, cond_table, step_fn),
+                                              (flat, opt_state), (rows, rmask, ylab, vid, epoch0, reset))
+    params = unravel(flat) if spec.generator_type == "vae" else {k: unravel[k](v) for k, v in flat.items()}
+    return (params, opt_state), metrics
 
   return train_slot
 
 
 @functools.lru_cache(maxsize=None)
-def _compiled_train(spec: GeneratorSpec, epochs: int, backend: str) -> Callable:
-  fn = make_slot_trainer(spec, epochs)
+def _compiled_train(spec: GeneratorSpec, epochs: int, backend: str, with_reset: bool) -> Callable:
+  """One jitted program per (spec, epochs, backend, reset variant); shapes add cache entries only
+  when the padded row count changes."""
+  fn = make_slot_trainer(spec, epochs, with_reset)
   if backend == "loop":
     return jax.jit(fn)
-  return jax.jit(jax.vmap(fn, in_axes=(0, None, 0, 0, 0, 0, None)), donate_argnums=(0,))
+  return jax.jit(jax.vmap(fn, in_axes=(0, None, 0, 0, 0, 0, 0, 0, None, None, None)), donate_argnums=(0,))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -423,8 +485,11 @@ def init_generators(key: PRNGKey, cfg: GeneratorConfig, layout: SlotLayout, feat
                     num_classes: int, cond_table: Optional[Any] = None) -> GenState:
   """Fresh generators for every slot of ``layout``.
 
+  Every slot starts from the same draw of ``key``: the slots are independent models of different
+  data and need no different starting points, and one small init program serves any slot count.
+
   Args:
-    key: PRNG key; slot s is initialised from ``fold_in(key, s)``.
+    key: PRNG key.
     cfg: generator config.
     layout: from :func:`make_layout`.
     feature_shape: (T, D) of the cached features (T is recorded; the model sees S tokens).
@@ -440,7 +505,7 @@ def init_generators(key: PRNGKey, cfg: GeneratorConfig, layout: SlotLayout, feat
 
 def _fresh_state(spec: GeneratorSpec, layout: SlotLayout, key: PRNGKey, table: jax.Array) -> GenState:
   g = layout.num_slots
-  params, opt_state = jax.vmap(lambda s: _init_slot(spec, jax.random.fold_in(key, s)))(jnp.arange(g))
+  params, opt_state = _init_slots(spec, key, g)
   return GenState(params, opt_state, jnp.zeros((g,), jnp.int32), jnp.zeros((g, spec.num_classes), bool),
                   table, spec, layout)
 
@@ -484,15 +549,42 @@ def _plan(layout: SlotLayout, pool_labels: np.ndarray, rows: list[np.ndarray], n
   return idx, msk, lab
 
 
+def _bookkeeping(spec: GeneratorSpec, seen: np.ndarray, epoch: np.ndarray, msk: np.ndarray, lab: np.ndarray,
+                 epochs: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+  """Host-side walk over the visits: (epoch0 (G, V), reset (G, V), epoch (G,), seen (G, K)) after.
+
+  The reset rule and the epoch counters depend only on labels and masks, so they are decided here
+  rather than traced (no init program inside the training program).
+  """
+  seen, epoch = seen.copy(), epoch.copy()
+  g, v = msk.shape[:2]
+  epoch0, reset = np.zeros((g, v), np.int32), np.zeros((g, v), bool)
+  for s in range(g):
+    for j in range(v):
+      valid = msk[s, j] > 0
+      if valid.any():
+        present = np.zeros(spec.num_classes, bool)
+        present[lab[s, j][valid]] = True
+        if spec.reset_on_new_class and seen[s].any() and (present & ~seen[s]).any():
+          reset[s, j], seen[s], epoch[s] = True, False, 0
+        seen[s] |= present
+        epoch[s] += epochs
+      epoch0[s, j] = epoch[s] - (epochs if valid.any() else 0)
+  return epoch0, reset, epoch, seen
+
+
+RESET_SALT = 0x5EED  # fold_in salt of the key that draws re-initialised generators
+
+
 def train_generators(state: GenState, features: jax.Array, labels: Any, mask: Any, key: PRNGKey,
                      epochs: Optional[int] = None, *, index: Any = None,
                      backend: str = "vmap") -> tuple[GenState, Metrics]:
-  """Trains every slot for ``epochs`` epochs (default ``generator_training_epochs``) on its rows.
+  """Trains every slot for ``epochs`` epochs (default ``generator_training_epochs``) per visit.
 
   Args:
-    state: the generators (donated on the vmap backend: do not reuse the input state).
+    state: the generators (its buffers are donated on the vmap backend: use the returned state).
     features: (C, N, T, D) node features, or an (R, T, D) pool when ``index`` is given; T is pooled
-      to S tokens here (pass already pooled features, see ``generators.pool_tokens``, to pool once).
+      to S tokens here (pass features already pooled with ``generators.pool_tokens`` to pool once).
     labels: (C, N) classes, or (R,) with ``index``.
     mask: (C, N) valid rows.
     key: PRNG key of this call (e.g. ``fold_in(run_key, round)``).
@@ -501,43 +593,47 @@ def train_generators(state: GenState, features: jax.Array, labels: Any, mask: An
     backend: "vmap" (all slots in one jitted call) or "loop" (a Python loop over slots; tests).
 
   Returns:
-    (state, metrics): metrics {name: (G, V, epochs)} per slot, visit (V = 1, or nodes when shared)
-    and epoch, plus "active" (G, V) and "rows" (G, V).
+    (state, metrics): metrics {name: (G, V, epochs)} per slot, visit (V = 1, or one per node when
+    shared) and epoch, plus "rows" (G, V) and "reset" (G, V).
   """
   spec, layout = state.spec, state.layout
   epochs = spec.total_epochs if epochs is None else int(epochs)
   pool_labels, rows = _node_rows(labels, mask, index)
-  pool = features if index is not None else features.reshape((-1,) + features.shape[2:])
+  pool = features if index is not None else features.reshape((-1,) + tuple(features.shape[2:]))
   if pool.shape[-1] != spec.feature_dim:
     raise ValueError(f"features have dim {pool.shape[-1]}, the generators model {spec.feature_dim}")
   pool = gen.pool_tokens(jnp.asarray(pool, jnp.float32), spec.seq_len)
   idx, msk, lab = _plan(layout, pool_labels, rows, spec.num_classes, spec.batch_size)
-  keys = slot_keys(key, layout.num_slots, idx.shape[1])
-  carry = SlotCarry(state.params, state.opt_state, state.epoch, state.seen)
-  fn = _compiled_train(spec, epochs, backend)
+  epoch0, reset, epoch, seen = _bookkeeping(spec, np.asarray(state.seen), np.asarray(state.epoch), msk, lab, epochs)
+  with_reset = bool(reset.any())
+  fresh = _init_slot_jit(spec, jax.random.fold_in(key, RESET_SALT)) if with_reset else None
+  vid = np.arange(idx.shape[0] * idx.shape[1], dtype=np.int32).reshape(idx.shape[:2])
+  fn = _compiled_train(spec, epochs, backend, with_reset)
+  carry = (state.params, state.opt_state)
   if backend == "vmap":
-    carry, metrics = fn(carry, pool, idx, msk, lab, keys, state.cond_table)
+    carry, metrics = fn(carry, pool, idx, msk, lab, vid, epoch0, reset, fresh, key, state.cond_table)
   elif backend == "loop":
-    outs = [fn(jax.tree.map(lambda a: a[s], carry), pool, idx[s], msk[s], lab[s], keys[s], state.cond_table)
-            for s in range(layout.num_slots)]
+    outs = [fn(jax.tree.map(lambda a: a[s], carry), pool, idx[s], msk[s], lab[s], vid[s], epoch0[s], reset[s],
+               fresh, key, state.cond_table) for s in range(layout.num_slots)]
     carry, metrics = jax.tree.map(lambda *a: jnp.stack(a), *outs)
   else:
     raise ValueError(f"unknown backend {backend!r}; choose 'vmap' or 'loop'")
-  metrics = dict(metrics, rows=jnp.asarray(msk.sum(-1), jnp.int32))
-  return state.replace(params=carry.params, opt_state=carry.opt_state, epoch=carry.epoch, seen=carry.seen), metrics
+  metrics = dict(metrics, rows=jnp.asarray(msk.sum(-1), jnp.int32), reset=jnp.asarray(reset))
+  return state.replace(params=carry[0], opt_state=carry[1], epoch=jnp.asarray(epoch),
+                       seen=jnp.asarray(seen)), metrics
 
 
 @functools.lru_cache(maxsize=None)
 def _compiled_sample(spec: GeneratorSpec, target_length: Optional[int]) -> Callable:
   m = models(spec)
 
-  def sample_slot(params, key, labels, cond_table):
-    cond = cond_table[labels] if spec.conditioned else None
+  def sample_slot(params, sid, labels, key, cond_table):
+    key, cond = jax.random.fold_in(key, sid), (cond_table[labels] if spec.conditioned else None)
     if spec.generator_type == "vae":
       return gen.sample(m["vae"], params, key, labels.shape[0], cond, target_length)
     return gen.sample(m["generator"], params["generator"], key, labels.shape[0], cond, target_length)
 
-  return jax.jit(jax.vmap(sample_slot, in_axes=(0, 0, 0, None)))
+  return jax.jit(jax.vmap(sample_slot, in_axes=(0, 0, 0, None, None)))
 
 
 def sample_generators(state: GenState, key: PRNGKey, counts: Any, *, target_length: Optional[int] = None,
@@ -587,8 +683,8 @@ def sample_generators(state: GenState, key: PRNGKey, counts: Any, *, target_leng
   lab = np.zeros((layout.num_slots, m_slot), np.int32)
   for s, v in enumerate(per_slot):
     lab[s, :len(v)] = v
-  keys = jax.vmap(lambda s: jax.random.fold_in(key, s))(jnp.arange(layout.num_slots))
-  x = _compiled_sample(spec, target_length)(state.params, keys, jnp.asarray(lab), state.cond_table)
+  sid = np.arange(layout.num_slots, dtype=np.int32)
+  x = _compiled_sample(spec, target_length)(state.params, sid, lab, key, state.cond_table)
   m_node = max([len(v) for v in per_node] + [1])
   flat = np.zeros((layout.num_nodes, m_node), np.int32)
   valid = np.zeros((layout.num_nodes, m_node), bool)

@@ -70,4 +70,5 @@ def scale_by_branch_lr(updates: Mapping[str, object], epoch: jax.Array,
 
 def server_optimizer(cfg: Config) -> optax.GradientTransformation:
   """Server transform on the (negated) mean client delta; sgd(1.0) is plain FedAvg."""
-  return optax.sgd(cfg.federation.server_learning_rate)
+  f = cfg.federation
+  return optax.sgd(f.server_learning_rate, momentum=f.server_momentum or None)
