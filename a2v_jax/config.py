@@ -147,12 +147,16 @@ class FederationConfig:
   # none = local-only; centralised = all data on one node; kd = server distillation.
   adapter_aggregation_mode: Literal["avg", "weighted", "none", "centralised", "kd"] = "avg"
   join_ratio: float = 1.0
+  # Server transform on the mean client delta: sgd(1.0) is FedAvg; adam is FedAdam (Reddi et al. 2021).
+  server_optimizer: Literal["sgd", "adam"] = "sgd"
   server_learning_rate: float = 1.0
   # Server momentum on the mean client delta (FedAvgM, Hsu et al. 2019); 0 = plain FedAvg.
   server_momentum: float = 0.0
   eval_gap: int = 1
   checkpoint_frequency: int = 1
   max_to_keep: int = 2
+  # KD aggregation (spec 4.4, both branches distilled, see federated/kd.py): epochs over the round's
+  # generator features, features drawn per class per round, AdamW learning rate of the distillation.
   kd_training_epochs: int = 10
   kd_samples_per_class: int = 100
   kd_learning_rate: float = 1e-3
@@ -182,6 +186,13 @@ class GeneratorConfig:
   generator_augmentation: bool = True
   generator_augmentation_noise: float = 0.1
   synthetic_samples_per_class: str = "auto"
+  # Run 2: token count of synthetic features (samples of S tokens are stretched by linear
+  # interpolation). None = the heads' input token count (the cached features' T, or the T the
+  # generators were trained from when no cache exists); a value must equal that count.
+  generator_output_sequence_length: Optional[int] = None
+  # Run 2: nodes also train on their real cached train features (false = synthetic only, the
+  # train-on-synthetic / test-on-real measurement). Without a feature cache there is nothing real.
+  train_on_real_features: bool = True
   generator_checkpoint_dir: str = "checkpoints/generators"
   generator_checkpoint_base_name: str = "generator"
   generator_save_checkpoint: bool = True
@@ -408,6 +419,8 @@ def validate(cfg: Config) -> None:
       "sample_rate": fe.sample_rate, "t5_latents": cfg.heads.t5_latents, "map_heads": cfg.heads.map_heads,
       "max_to_keep": f.max_to_keep, "generator_training_epochs": g.generator_training_epochs,
       "generator_batch_size": g.generator_batch_size, "kd_training_epochs": f.kd_training_epochs,
+      "generator_hidden_dim": g.generator_hidden_dim, "generator_latent_dim": g.generator_latent_dim,
+      "generator_training_sequence_length": g.generator_training_sequence_length,
   }
   for key, value in positive.items():
     if value < 1:
@@ -434,6 +447,11 @@ def validate(cfg: Config) -> None:
   spc = g.synthetic_samples_per_class
   if spc != "auto" and not spc.isdigit():
     raise ConfigError(f"config key 'synthetic_samples_per_class' must be 'auto' or an integer, got {spc!r}")
+  if spc != "auto" and int(spc) < 1:
+    raise ConfigError(f"config key 'synthetic_samples_per_class' must be 'auto' or >= 1, got {spc!r}")
+  if g.generator_output_sequence_length is not None and g.generator_output_sequence_length < 1:
+    raise ConfigError("config key 'generator_output_sequence_length' must be >= 1 or null, got "
+                      f"{g.generator_output_sequence_length}")
   if g.generator_granularity == "per_group" and not g.generator_class_groups:
     raise ConfigError("config key 'generator_granularity' is 'per_group' but 'generator_class_groups' is empty")
   if g.use_pretrained_generators and g.generator_only_mode:
@@ -444,6 +462,15 @@ def validate(cfg: Config) -> None:
   if f.adapter_aggregation_mode == "kd" and not (g.use_pretrained_generators or g.use_generator):
     raise ConfigError("config key 'adapter_aggregation_mode' is 'kd', which needs generators "
                       "('use_pretrained_generators': true or 'use_generator': true)")
+  if f.adapter_aggregation_mode == "kd" and f.kd_samples_per_class < 1:
+    raise ConfigError(f"config key 'kd_samples_per_class' must be >= 1, got {f.kd_samples_per_class}")
+  if f.adapter_aggregation_mode == "kd" and g.generator_only_mode:
+    raise ConfigError("config key 'adapter_aggregation_mode' is 'kd' but 'generator_only_mode' trains no heads "
+                      "to distil")
+  if g.use_pretrained_generators and g.generator_training_mode:
+    raise ConfigError("config keys 'use_pretrained_generators' (Run 2: restore, never train) and "
+                      "'generator_training_mode' (Run 1) exclude each other; to continue an interrupted Run 1, "
+                      "run its config again with --resume")
   if f.adapter_aggregation_mode == "centralised" and d.num_nodes != 1:
     pass  # centralised pools every node's data into one; num_nodes still defines the partition.
 

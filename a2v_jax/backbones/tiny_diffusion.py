@@ -15,65 +15,16 @@ the marker shared with the tiny text and AST writers.
 
 from __future__ import annotations
 
-import json
-import os
-import shutil
-import tempfile
-import uuid
 from pathlib import Path
 from typing import Any, Callable
 
-# Same completion marker as the tiny text / AST writers: written last, its presence means complete.
-MARKER = "a2v_tiny.json"
-FORMAT_VERSION = 1
+from a2v_jax.backbones.tiny_text import MARKER, write_once  # same marker and atomic write as the text writers
 
 # Scheduler config shared by DDIM / PNDM / Euler, as in SD-1.5's scheduler_config.json.
 SD_SCHEDULER_CONFIG: dict[str, Any] = dict(
     num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
     clip_sample=False, set_alpha_to_one=False, steps_offset=1, skip_prk_steps=True,
     prediction_type="epsilon", timestep_spacing="leading")
-
-
-def _read_marker(path: Path) -> dict[str, Any] | None:
-  try:
-    return json.loads((path / MARKER).read_text())
-  except (FileNotFoundError, NotADirectoryError, json.JSONDecodeError):
-    return None
-
-
-def _write_atomic(out_dir: str | Path, spec: dict[str, Any], fill: Callable[[Path], None]) -> Path:
-  """Runs ``fill(tmp)`` in a temporary sibling and renames it to out_dir, unless out_dir matches spec.
-
-  A tiny model with another spec (say, another seed) is replaced; a directory without our
-  marker is refused rather than overwritten. A concurrent writer of the same model finishing
-  first is fine.
-  """
-  out = Path(out_dir)
-  marker = json.loads(json.dumps({"format": FORMAT_VERSION, **spec}))  # tuples -> lists, as read back
-  have = _read_marker(out)
-  if have == marker:
-    return out
-  if out.exists():
-    if have is None:
-      raise FileExistsError(f"{out} exists but is not a complete tiny model written by a2v_jax "
-                            f"(no {MARKER}); remove it or choose another directory")
-    stale = out.with_name(f".{out.name}.stale-{uuid.uuid4().hex[:8]}")
-    os.rename(out, stale)
-    shutil.rmtree(stale, ignore_errors=True)
-  out.parent.mkdir(parents=True, exist_ok=True)
-  tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-  try:
-    os.chmod(tmp, 0o755)
-    fill(tmp)
-    (tmp / MARKER).write_text(json.dumps(marker, indent=2, sort_keys=True) + "\n")
-    try:
-      os.rename(tmp, out)
-    except OSError:
-      if _read_marker(out) != marker:
-        raise
-  finally:
-    shutil.rmtree(tmp, ignore_errors=True)
-  return out
 
 
 def _seeded(seed: int, make: Callable[[], Any]) -> Any:
@@ -133,7 +84,7 @@ def write_tiny_sd(out_dir: str | Path, *, cross_attention_dim: int, seed: int = 
         feature_extractor=None, image_encoder=None, requires_safety_checker=False)
     pipe.save_pretrained(tmp)
 
-  return _write_atomic(out_dir, spec, fill)
+  return write_once(Path(out_dir), spec, fill)
 
 
 def write_tiny_flux(out_dir: str | Path, *, joint_attention_dim: int, pooled_projection_dim: int,
@@ -171,7 +122,7 @@ def write_tiny_flux(out_dir: str | Path, *, joint_attention_dim: int, pooled_pro
         text_encoder_2=None, tokenizer_2=None, transformer=transformer)
     pipe.save_pretrained(tmp)
 
-  return _write_atomic(out_dir, spec, fill)
+  return write_once(Path(out_dir), spec, fill)
 
 
 def write_tiny_clip_model(out_dir: str | Path, *, seed: int = 0) -> Path:
@@ -208,4 +159,4 @@ def write_tiny_clip_model(out_dir: str | Path, *, seed: int = 0) -> Path:
                                             crop_size={"height": 32, "width": 32})
     CLIPProcessor(image_processor=image_processor, tokenizer=tok).save_pretrained(tmp)
 
-  return _write_atomic(out_dir, spec, fill)
+  return write_once(Path(out_dir), spec, fill)

@@ -60,7 +60,7 @@ def write_tiny_clip_text(out_dir: str | Path, *, seed: int = 0) -> Path:
     tokenizers.clip_tokenizer().save_pretrained(tmp)
 
   spec = {"kind": "clip_text", "seed": seed, "config": TINY_CLIP_TEXT}
-  return _write_once(Path(out_dir), spec, fill)
+  return write_once(Path(out_dir), spec, fill)
 
 
 def write_tiny_t5(out_dir: str | Path, *, seed: int = 0) -> Path:
@@ -83,7 +83,7 @@ def write_tiny_t5(out_dir: str | Path, *, seed: int = 0) -> Path:
 
   spec = {"kind": "t5_encoder", "seed": seed, "config": TINY_T5,
           "spiece_vocab_size": tokenizers.TINY_T5_VOCAB_SIZE}
-  return _write_once(Path(out_dir), spec, fill)
+  return write_once(Path(out_dir), spec, fill)
 
 
 def _seeded(seed: int, make: Callable[[], torch.nn.Module]) -> torch.nn.Module:
@@ -94,13 +94,14 @@ def _seeded(seed: int, make: Callable[[], torch.nn.Module]) -> torch.nn.Module:
   return module.to(torch.float32).eval()
 
 
-def _write_once(out: Path, spec: dict[str, Any], fill: Callable[[Path], None]) -> Path:
+def write_once(out: Path, spec: dict[str, Any], fill: Callable[[Path], None]) -> Path:
   """Fills a temporary sibling of ``out`` and renames it into place, unless ``out`` already matches ``spec``.
 
   A directory holding our marker with another spec (say, another seed) is replaced; any other existing
   directory is refused rather than overwritten.
   """
-  marker = {"format": FORMAT_VERSION, **spec}
+  marker = json.loads(json.dumps({"format": FORMAT_VERSION, **spec}))  # tuples -> lists, as read back
+  out = Path(out)
   if _read_marker(out) == marker:
     return out
   if out.exists():

@@ -69,6 +69,13 @@ def scale_by_branch_lr(updates: Mapping[str, object], epoch: jax.Array,
 
 
 def server_optimizer(cfg: Config) -> optax.GradientTransformation:
-  """Server transform on the (negated) mean client delta; sgd(1.0) is plain FedAvg."""
+  """Server transform on the (negated) mean client delta; sgd(1.0) is plain FedAvg.
+
+  References:
+    Reddi et al. 2021, "Adaptive Federated Optimization" (FedAdam);
+    Hsu et al. 2019, "Measuring the Effects of Non-Identical Data Distribution" (FedAvgM).
+  """
   f = cfg.federation
+  if f.server_optimizer == "adam":
+    return optax.adam(f.server_learning_rate, b1=f.server_momentum or 0.9, eps=1e-8)
   return optax.sgd(f.server_learning_rate, momentum=f.server_momentum or None)
