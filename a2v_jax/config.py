@@ -51,7 +51,8 @@ class DataConfig:
   dataset_root: str = "data/fsdd"
   # How clips are spread over nodes: by speaker/group (FSDD's natural split),
   # one class per node (the reference's 10n-10c-400s), Dirichlet label skew, iid.
-  partition: Literal["group", "class", "dirichlet", "iid"] = "group"
+  # "reference" = the reference's explicit node list (reference_nodes), sliced exactly as fedgfe did.
+  partition: Literal["group", "class", "dirichlet", "iid", "reference"] = "group"
   num_nodes: int = 5
   dirichlet_alpha: float = 0.5
   # Reference node slicing: at most this many clips per node (None = all).
@@ -66,6 +67,8 @@ class DataConfig:
   # With the official FSDD split, this fraction of each node's train clips is held out as val.
   official_val_fraction: float = 0.1
   selected_classes: Optional[tuple[str, ...]] = None
+  # The reference's per-node dicts (selected_classes, samples_per_node, node_split_id, ...).
+  reference_nodes: Optional[tuple[dict, ...]] = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -434,6 +437,11 @@ def validate(cfg: Config) -> None:
   for key in ("train_ratio", "val_ratio", "test_ratio", "official_val_fraction"):
     if not 0.0 <= getattr(d, key) <= 1.0:
       raise ConfigError(f"config key '{key}' must be in [0, 1], got {getattr(d, key)}")
+  if d.partition == "reference" and not d.reference_nodes:
+    raise ConfigError("config key 'partition' is 'reference' but 'reference_nodes' is empty")
+  if d.partition == "reference" and len(d.reference_nodes) != d.num_nodes:
+    raise ConfigError(f"config key 'num_nodes' is {d.num_nodes} but 'reference_nodes' lists "
+                      f"{len(d.reference_nodes)} nodes")
   if d.partition == "dirichlet" and d.dirichlet_alpha <= 0:
     raise ConfigError(f"config key 'dirichlet_alpha' must be > 0, got {d.dirichlet_alpha}")
   if "{}" not in cfg.text.prompt_template:

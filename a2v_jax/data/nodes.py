@@ -63,8 +63,12 @@ def build_nodes(cfg: Config) -> NodeData:
   """
   d = cfg.data
   clipset = read_dataset(d)
-  parts = partition(clipset, d.partition, d.num_nodes, seed=d.node_split_seed,
-                    alpha=d.dirichlet_alpha, samples_per_node=d.samples_per_node)
+  if d.partition == "reference":
+    from a2v_jax.data.reference_nodes import reference_node_indices
+    parts = reference_node_indices(clipset, [dict(n) for n in d.reference_nodes])
+  else:
+    parts = partition(clipset, d.partition, d.num_nodes, seed=d.node_split_seed,
+                      alpha=d.dirichlet_alpha, samples_per_node=d.samples_per_node)
   nodes = tuple(
       split(clipset, idx, d.split, seed=d.node_split_seed + k, train_ratio=d.train_ratio,
             val_ratio=d.val_ratio, test_ratio=d.test_ratio,

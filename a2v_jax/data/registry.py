@@ -13,33 +13,35 @@ from typing import Callable, Optional, Sequence
 from a2v_jax.config import ConfigError, DataConfig
 from a2v_jax.data.records import ClipSet
 
-Reader = Callable[[str], ClipSet]
+# A reader takes the root folder and the selected class names (None = all); readers that can, skip
+# the folders of unselected classes (a partial VEGAS copy), the others read everything.
+Reader = Callable[[str, Optional[Sequence[str]]], ClipSet]
 
 
 class DatasetError(ValueError):
   """A dataset that cannot be read; the message names the folder or file."""
 
 
-def _read_fsdd(root: str) -> ClipSet:
+def _read_fsdd(root: str, selected: Optional[Sequence[str]] = None) -> ClipSet:
   # Imported on use: reader modules import DatasetError from here.
   from a2v_jax.data.fsdd import read_fsdd
   return read_fsdd(root)
 
 
 # Dataset name (``DataConfig.dataset``) -> reader of its root folder. Extend in place.
-def _read_vegas(root: str) -> ClipSet:
+def _read_vegas(root: str, selected: Optional[Sequence[str]] = None) -> ClipSet:
   from a2v_jax.data.vegas import read_vegas
-  return read_vegas(root)
+  return read_vegas(root, selected_classes=selected)
 
 
-def _read_esc50(root: str) -> ClipSet:
+def _read_esc50(root: str, selected: Optional[Sequence[str]] = None) -> ClipSet:
   from a2v_jax.data.esc50 import read_esc50
-  return read_esc50(root)
+  return read_esc50(root, selected_classes=selected)
 
 
-def _read_vggsound(root: str) -> ClipSet:
+def _read_vggsound(root: str, selected: Optional[Sequence[str]] = None) -> ClipSet:
   from a2v_jax.data.vggsound import read_vggsound
-  return read_vggsound(root)
+  return read_vggsound(root, selected_classes=selected)
 
 
 READERS: dict[str, Reader] = {"fsdd": _read_fsdd, "vegas": _read_vegas, "esc50": _read_esc50,
@@ -90,4 +92,4 @@ def read_dataset(cfg: DataConfig) -> ClipSet:
   if reader is None:
     raise ConfigError(f"config key 'dataset': no reader registered for {cfg.dataset!r}; "
                       f"registered datasets are {sorted(READERS)}")
-  return select_classes(reader(cfg.dataset_root), cfg.selected_classes)
+  return select_classes(reader(cfg.dataset_root, cfg.selected_classes), cfg.selected_classes)
