@@ -188,6 +188,11 @@ class GeneratorConfig:
   generator_training_sequence_length: int = 4
   generator_augmentation: bool = True
   generator_augmentation_noise: float = 0.1
+  # Run 1: generators model features standardised per (token, dim) with the mean / std of all nodes'
+  # train rows (recorded in the checkpoint; Run 2 undoes it on every sample). Why: the VAE loss's
+  # beta <= 0.01 on raw AST features (variance << 1) acts as a large observation noise and blurs the
+  # small class-specific directions (FSDD: ridge probe trained on samples 0.69 raw -> 0.82 standardised).
+  generator_standardize_features: bool = True
   synthetic_samples_per_class: str = "auto"
   # Run 2: token count of synthetic features (samples of S tokens are stretched by linear
   # interpolation). None = the heads' input token count (the cached features' T, or the T the
@@ -196,6 +201,9 @@ class GeneratorConfig:
   # Run 2: nodes also train on their real cached train features (false = synthetic only, the
   # train-on-synthetic / test-on-real measurement). Without a feature cache there is nothing real.
   train_on_real_features: bool = True
+  # Run 2: draw fresh synthetic rows before every round (same counts and labels, new latents; the
+  # reference regenerated its samples after every KD round); false = one set drawn at start-up.
+  synthetic_resample_each_round: bool = True
   generator_checkpoint_dir: str = "checkpoints/generators"
   generator_checkpoint_base_name: str = "generator"
   generator_save_checkpoint: bool = True

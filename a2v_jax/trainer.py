@@ -2,6 +2,13 @@
 
 features -> layout -> init (or restore) -> rounds (round, evaluate, log, checkpoint) -> summary.
 Each stage is a function of its own, importable and tested alone.
+
+Generator runs (``federated/generator_runs.py``) add stages without changing the engine:
+Run 1 (``use_generator``) trains the generators after each round's heads and checkpoints them with the
+heads (``generator_only_mode`` runs generator rounds only); Run 2 (``use_pretrained_generators``)
+restores them first (start-up errors before anything else), prepares without the AST and appends
+synthetic train rows to the features. ``adapter_aggregation_mode: kd`` distils the server heads after
+each round (``federated/kd.py``).
 """
 
 from __future__ import annotations
@@ -22,8 +29,12 @@ from a2v_jax import checkpoint as ckpt_lib
 from a2v_jax import config as config_lib
 from a2v_jax import features as features_lib
 from a2v_jax.config import Config
-from a2v_jax.federated import engine, sharding
+from a2v_jax import generator_checkpoint as gen_ckpt
+from a2v_jax.federated import engine, generator_runs, sharding
+from a2v_jax.federated import kd as kd_lib
 from a2v_jax.federated.evaluate import make_evaluator, pad_indices
+from a2v_jax.federated.evaluate import predict as predict_rows
+from a2v_jax.round_outputs import RoundOutputs
 from a2v_jax.federated.local import Shared
 from a2v_jax.models.heads import count_params, make_heads
 from a2v_jax.run_log import RunLog
@@ -37,8 +48,8 @@ class TrainingError(RuntimeError):
 class Prepared:
   """Everything frozen a run needs: node layout, cached features, per-class targets."""
   nodes: Any                        # a2v_jax.data.nodes.NodeData
-  features: np.ndarray              # (N_all, T, D) memmap
-  targets: dict[str, np.ndarray]    # {branch: (num_classes, ...)}
+  features: Optional[np.ndarray]    # (N_all, T, D) memmap; None only in Run 2 without a feature cache
+  targets: dict[str, np.ndarray]    # {branch: (num_classes, ...)}; empty in generator_only_mode
 
   @property
   def class_names(self) -> tuple[str, ...]:
@@ -58,16 +69,64 @@ class Layout:
   num_real_clients: int
 
 
-def prepare(cfg: Config, verbose: bool = True) -> Prepared:
-  """Stage 1: node partition, cached AST features, cached text targets."""
+def prepare(cfg: Config, verbose: bool = True, *, nodes: Any = None,
+            feature_cache_hint: Optional[str] = None) -> Prepared:
+  """Stage 1: node partition, cached AST features, cached text targets.
+
+  Run 2 (``use_pretrained_generators``) never constructs the AST: features come from the cache when
+  one exists for these clips (``feature_cache_hint``: the cache Run 1 recorded), else they are None
+  and Run 2 trains on synthetic features only. ``generator_only_mode`` trains no heads and so computes
+  no text targets (no text encoder is loaded).
+  """
   from a2v_jax.data.nodes import build_nodes
-  nodes = build_nodes(cfg)
+  nodes = nodes if nodes is not None else build_nodes(cfg)
   if verbose:
     print(nodes.summary())
-  feats = features_lib.ast_features(cfg, nodes.clipset, verbose=verbose)
+  g = cfg.generators
+  if g.use_pretrained_generators:
+    feats = generator_runs.cached_features(cfg, nodes.clipset, hint=feature_cache_hint, verbose=verbose)
+    if feats is None and verbose:
+      print("AST features: no cache for these clips; Run 2 trains on synthetic features only and real "
+            "evaluation is unavailable (the AST is not run in Run 2)")
+  else:
+    feats = features_lib.ast_features(cfg, nodes.clipset, verbose=verbose)
+  if g.generator_only_mode:
+    return Prepared(nodes, feats, {})
   targets = features_lib.text_targets(cfg, nodes.clipset.class_names, verbose=verbose)
   features_lib.check_targets(targets, cfg, len(nodes.clipset.class_names))
   return Prepared(nodes, feats, targets)
+
+
+@dataclasses.dataclass
+class PretrainedGenerators:
+  """Run 2's restored generators and what was drawn from them."""
+  state: Any                           # generator_training.GenState
+  scale: generator_runs.FeatureScale   # what the generators' samples are standardised by
+  round: int
+  server_row: dict[str, int]           # server/synthetic_samples_{total,classes}
+  counts: np.ndarray                   # (C, K) synthetic rows per node and class
+  offset: int                          # first synthetic row of the features
+  length: int                          # tokens per synthetic row
+
+
+def start_pretrained(cfg: Config, prepared: Optional[Prepared], verbose: bool = True
+                     ) -> tuple[Prepared, PretrainedGenerators]:
+  """Run 2's start-up: restore the generators (every checkpoint problem is raised here, before any
+  feature, target or training work), prepare without the AST, append the synthetic train rows."""
+  from a2v_jax.data.nodes import build_nodes
+  nodes = prepared.nodes if prepared is not None else build_nodes(cfg)
+  fdim = None if prepared is None or prepared.features is None else prepared.features.shape[-1]
+  state, rnd, extra = generator_runs.restore_pretrained(cfg, nodes, feature_dim=fdim)
+  if verbose:
+    print(f"Run 2: generators of round {rnd} restored from {gen_ckpt.round_dir(cfg.generators, rnd)} "
+          f"({state.layout.num_slots} slot(s)); the AST is not used")
+  prepared = prepared or prepare(cfg, verbose, nodes=nodes, feature_cache_hint=extra.get("feature_cache"))
+  scale = generator_runs.FeatureScale.from_extra(extra, state.spec)
+  length = generator_runs.check_features(cfg, state, prepared.features)
+  counts = generator_runs.synthetic_counts(cfg, prepared.nodes)
+  offset = 0 if prepared.features is None else len(prepared.features)
+  prepared, server_row = generator_runs.add_synthetic(cfg, prepared, state, scale, length, verbose=verbose)
+  return prepared, PretrainedGenerators(state, scale, rnd, server_row, counts, offset, length)
 
 
 def _stack(rows: list[np.ndarray], multiple: int) -> tuple[np.ndarray, np.ndarray]:
@@ -119,6 +178,21 @@ def _check_finite(metrics: dict, round_: int, num_real: int) -> None:
                             "stopping (the last good checkpoint is kept)")
 
 
+# Compiler options of run-once programs: LLVM's optimisation of the many small random ops of an init
+# costs ~5x more CPU time than it saves (they run once).
+RUN_ONCE_COMPILER_OPTIONS = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
+
+
+def init_state(alg: engine.Algorithm, key: jax.Array) -> tuple[Any, Any]:
+  """``alg.init`` as one cheaply compiled program.
+
+  Why: run eagerly, every initialiser op of every client compiles on its own (~300 programs, tens of
+  seconds on 2 CPU cores); jitted with default options, the vmapped init compiles for about as long.
+  The values differ from the eager init only in float rounding (ulps).
+  """
+  return jax.jit(alg.init).lower(key).compile(compiler_options=RUN_ONCE_COMPILER_OPTIONS)(key)
+
+
 def run_dir_for(cfg: Config) -> Path:
   return Path(cfg.experiment.output_dir) / cfg.experiment.name
 
@@ -127,11 +201,17 @@ def train_and_evaluate(cfg: Config, *, resume: bool = False, verbose: bool = Tru
                        prepared: Optional[Prepared] = None) -> dict[str, Any]:
   """Runs (or resumes) the federated experiment described by ``cfg``; returns the final summary."""
   run_dir = run_dir_for(cfg)
+  g = cfg.generators
+  pretrained = None
+  if g.use_pretrained_generators:  # Run 2: checkpoint problems surface before the run directory is touched
+    prepared, pretrained = start_pretrained(cfg, prepared, verbose)
   log = RunLog(run_dir, resume=resume, verbose=verbose)
   ckpt_lib.write_json_atomic(run_dir / "config.json", cfg.to_dict())
   if verbose:
     print(f"run directory: {run_dir}")
   prepared = prepared or prepare(cfg, verbose)
+  if g.generator_only_mode:
+    return generator_runs.train_generators_only(cfg, prepared, log, resume=resume, verbose=verbose)
   mesh = sharding.client_mesh()
   real_clients = 1 if cfg.federation.adapter_aggregation_mode == "centralised" else len(prepared.nodes.nodes)
   lay = layout(cfg, prepared, sharding.padded_clients(real_clients, mesh))
@@ -156,10 +236,15 @@ def train_and_evaluate(cfg: Config, *, resume: bool = False, verbose: bool = Tru
                                      {b: jnp.asarray(t) for b, t in prepared.targets.items()}), mesh)
   data = engine.RoundData(sharding.shard_clients(jnp.asarray(lay.train_idx), mesh),
                           sharding.shard_clients(jnp.asarray(lay.train_count), mesh))
-  server, clients = alg.init(jax.random.PRNGKey(cfg.experiment.seed))
+  server, clients = init_state(alg, jax.random.PRNGKey(cfg.experiment.seed))
   clients = sharding.shard_clients(clients, mesh)
   server = sharding.replicate(server, mesh)
   checkpointer = ckpt_lib.RoundCheckpointer(run_dir / "state", cfg.federation.max_to_keep)
+  # Embedding checkpoints and in-training renders (round_outputs.py); `shared` is an argument so the
+  # features are not baked into the program as a constant.
+  outputs = RoundOutputs(cfg, run_dir, prepared.class_names,
+                         [c.clip_id for c in prepared.nodes.clipset.clips], cfg.hash())
+  predict_jit = jax.jit(lambda p, idx, sh: predict_rows(apply_fn, p, idx, sh, cfg.train.batch_size))
   start_round = 0
   if resume and checkpointer.latest_round() is not None:
     state, meta = checkpointer.restore(ckpt_lib.abstract({"server": server, "clients": clients}),
@@ -172,35 +257,109 @@ def train_and_evaluate(cfg: Config, *, resume: bool = False, verbose: bool = Tru
   elif resume and verbose:
     print("nothing to resume: starting from round 0")
 
+  # Run 1: generators train after each round's heads; they are checkpointed together with the heads
+  # (at multiples of either frequency), so a resume restores both from the same round.
+  run1 = None
+  if g.use_generator and not g.use_pretrained_generators:
+    run1 = generator_runs.start_run1(cfg, prepared, resume_round=start_round or None, resume=resume)
+    run1_extra = generator_runs.run1_extra(cfg, prepared, run1)
   mode = cfg.federation.adapter_aggregation_mode
-  rounds = range(start_round + 1, cfg.federation.global_rounds + 1)
+  kd = kd_lib.make_kd(cfg, apply_fn, cfg.train.batch_size) if mode == "kd" else None
+  kd_weights = jnp.asarray(lay.train_count > 0, jnp.float32)  # teacher: every real client, uniform
+
+  # Run 2: fresh synthetic rows before every round after the first (rows and labels keep their places).
+  redraw = pretrained is not None and g.synthetic_resample_each_round
+  host_features = np.array(prepared.features) if redraw else None
+
+  last = cfg.federation.global_rounds
+  rounds = range(start_round + 1, last + 1)
   bar = tqdm(rounds, desc="rounds", unit="round", disable=not verbose)
   round_times = []
   for r in bar:
     t0 = time.time()
+    if redraw and r > 1:
+      host_features[pretrained.offset:] = generator_runs.redraw_synthetic(
+          cfg, pretrained.state, pretrained.scale, pretrained.counts, pretrained.length, r)
+      shared = sharding.replicate(shared._replace(features=jnp.asarray(host_features)), mesh)
     server, clients, m = round_fn(server, clients, data, shared)
     m = jax.device_get(m)
-    round_times.append(time.time() - t0)
     _check_finite(m, r, lay.num_real_clients)
+    extra_row: dict[str, Any] = {}
+    if run1 is not None:
+      run1, grow = generator_runs.train_round(cfg, run1, r)
+      extra_row.update(grow)
+    if kd is not None:
+      gens = (run1.state, run1.scale) if run1 is not None else (pretrained.state, pretrained.scale)
+      server, krow = kd_round(cfg, kd, server, clients, gens, kd_weights, int(token_shape[0]), r)
+      server = sharding.replicate(server, mesh)
+      extra_row.update(krow)
+    if pretrained is not None:
+      extra_row.update(pretrained.server_row)
+    round_times.append(time.time() - t0)
     row: dict[str, Any] = {"round": r, "round_seconds": round(round_times[-1], 4)}
     for k, v in m.items():
       if k.endswith("_loss"):
         for i in range(lay.num_real_clients):
           row[f"train/node_{i}/{k}"] = float(v[i])
-    if cfg.federation.eval_gap and (r % cfg.federation.eval_gap == 0 or r == cfg.federation.global_rounds):
+    row.update(extra_row)
+    if cfg.federation.eval_gap and (r % cfg.federation.eval_gap == 0 or r == last):
       row.update(_evaluate_round(cfg, lay, server, clients, shared, eval_nodes, eval_global,
                                  eval_nodes_global, mode))
+    if outputs.wants(r):
+      row.update(outputs(r, predict_fn=lambda p, idx: predict_jit(p, idx, shared),
+                         server_params=server.params, client_params=clients.params,
+                         node_splits=prepared.nodes.nodes, labels=prepared.nodes.clipset.labels))
     log.append(row)
     bar.set_postfix_str(log.short(row))
-    if r % cfg.federation.checkpoint_frequency == 0 or r == cfg.federation.global_rounds:
+    save = r % cfg.federation.checkpoint_frequency == 0 or r == last
+    if run1 is not None:
+      save = save or gen_ckpt.should_save(g, r, last)
+      if save and g.generator_save_checkpoint:  # generators first: a heads round implies its generators
+        gen_ckpt.save_generators(g, run1.state, r, extra=run1_extra)
+    if save:
       checkpointer.save(r, {"server": server, "clients": clients}, cfg.to_dict())
   bar.close()
   checkpointer.close()
-  summary = log.finish(cfg, extra={
+  extra: dict[str, Any] = {
       "compiled_round_programs": round_fn._cache_size(),
       "mean_round_seconds_after_first": float(np.mean(round_times[1:])) if len(round_times) > 1 else None,
-      "params_per_node": sum(counts.values())})
+      "params_per_node": sum(counts.values())}
+  if run1 is not None:
+    extra["generator_checkpoints"] = str(gen_ckpt.checkpoint_root(g))
+  if pretrained is not None:
+    extra.update(generator_round=pretrained.round, real_evaluation=lay.global_count["test"] > 0,
+                 **{k.split("/")[-1]: v for k, v in pretrained.server_row.items()})
+    if verbose and lay.global_count["test"] == 0:
+      print("no real features: nothing to evaluate on (Run 2 trained on synthetic features only)")
+  summary = log.finish(cfg, extra=extra)
   return summary
+
+
+def kd_round(cfg: Config, kd: kd_lib.KD, server, clients, gens: tuple[Any, Any], weights: jax.Array,
+             length: int, round_: int) -> tuple[Any, dict[str, float]]:
+  """KD stage of a round: fresh per-class generator features, teachers once, distil the server heads.
+
+  ``gens`` = (generator state, its FeatureScale).
+  """
+  key = jax.random.fold_in(generator_runs.run_key(cfg, generator_runs.KD_SALT), round_)
+  x, mask = generator_runs.kd_features(*gens, key, cfg.federation.kd_samples_per_class, length,
+                                       cfg.train.batch_size)
+  x, mask = jnp.asarray(x), jnp.asarray(mask)
+  teacher = kd.teacher(clients.params, weights, x)
+  params, metrics = kd.distill(server.params, x, mask, teacher, jax.random.fold_in(key, 1))
+  metrics = jax.device_get(metrics)
+  row = {}
+  for k, v in metrics.items():
+    if not np.all(np.isfinite(v)):
+      raise TrainingError(f"non-finite {k} in the KD stage of round {round_}; stopping (the last good "
+                          "checkpoint is kept)")
+    if k.endswith("_epoch_loss"):  # first and last epoch of the batch losses
+      row[f"server/{k[:-len('_epoch_loss')]}_first_epoch_loss"] = float(v[0])
+      row[f"server/{k[:-len('_epoch_loss')]}_last_epoch_loss"] = float(v[-1])
+    else:
+      row[f"server/{k}"] = float(v)
+  row["server/kd_samples"] = int(np.asarray(mask).sum())
+  return server.replace(params=params), row
 
 
 def _evaluate_round(cfg, lay: Layout, server, clients, shared, eval_nodes, eval_global,

@@ -71,3 +71,17 @@ def test_modes_report_server_metrics(tmp_path):
                            verbose=False, prepared=prep)
     assert 0.0 <= s["final"]["test/server/clip_accuracy_on_test"] <= 1.0
     assert s["compiled_round_programs"] == 1
+
+
+def test_embeddings_checkpoints_are_written_by_the_run(tmp_path):
+  from a2v_jax.embeddings_io import load_embeddings
+  prep = synthetic_prepared()
+  cfg = _cfg(tmp_path, "emb", "global_rounds=2", "save_embeddings_instead_of_images=true",
+             "embeddings_save_frequency=2")
+  train_and_evaluate(cfg, verbose=False, prepared=prep)
+  files = sorted(p.name for p in (tmp_path / "emb" / "embeddings").iterdir())
+  assert files == ["node_0_embeddings_r2.safetensors", "node_1_embeddings_r2.safetensors",
+                   "node_2_embeddings_r2.safetensors", "server_embeddings_r2.safetensors"]
+  server = load_embeddings(tmp_path / "emb" / "embeddings" / "server_embeddings_r2.safetensors")
+  n = sum(len(node["val"]) + len(node["test"]) for node in prep.nodes.nodes)
+  assert server.embeddings["clip"].shape == (n, 4) and server.embeddings["t5"].shape == (n, 3, 6)

@@ -1,0 +1,1 @@
+"""Yardsticks the JAX engine is measured against (not used by training)."""

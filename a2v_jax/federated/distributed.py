@@ -1,0 +1,213 @@
+"""Several processes (hosts) holding different clients of one round: joining, and global client arrays.
+
+The round function does not change across hosts: the client axis is laid over a ``'clients'`` mesh
+that spans every process's devices (``sharding.client_mesh()`` over ``jax.devices()``), each process
+feeds only the clients its devices hold, and XLA's collectives (gloo on CPU, NCCL on GPU, ICI on TPU)
+compute the FedAvg mean across processes.
+
+Why a rendezvous of our own before ``jax.distributed.initialize``: when a peer never comes, JAX's
+coordination client does not raise, it aborts the whole process (``LOG(FATAL)`` ... ``DEADLINE_EXCEEDED``,
+SIGABRT) after its timeout, taking the caller's clean-up and error message with it. ``initialize``
+therefore first meets every peer over a plain TCP socket next to the coordinator's port, with a hard
+deadline, and raises ``DistributedInitError`` naming the processes that did not arrive. Only then does it
+call ``jax.distributed.initialize``, which then finds everyone present. A peer that dies later is caught
+by JAX's heartbeat (``heartbeat_timeout_s``), which terminates the survivors instead of letting them hang.
+"""
+
+from __future__ import annotations
+
+import socket
+import time
+from typing import Any, Optional, Sequence
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+_HELLO = b"A2V-RDV1"
+
+
+class DistributedInitError(RuntimeError):
+  """The processes of a job could not all meet before the deadline."""
+
+
+def _split(address: str) -> tuple[str, int]:
+  host, _, port = address.rpartition(":")
+  if not host or not port.isdigit():
+    raise ValueError(f"coordinator address must look like host:port, got {address!r}")
+  return host.strip("[]"), int(port)
+
+
+def _recv_line(conn: socket.socket, deadline: float) -> bytes:
+  data = b""
+  while not data.endswith(b"\n"):
+    conn.settimeout(max(deadline - time.monotonic(), 0.01))
+    chunk = conn.recv(256)
+    if not chunk:
+      raise ConnectionError("peer closed the connection")
+    data += chunk
+  return data.strip()
+
+
+def rendezvous(coordinator: str, num_processes: int, process_id: int, timeout_s: float,
+               port_offset: int = 1) -> None:
+  """Waits until all ``num_processes`` processes have reached this call, or raises within ``timeout_s``.
+
+  Process 0 listens on the coordinator's host at ``port + port_offset``; every other process connects
+  to it and waits for the go. Mismatched process counts or duplicate ids are refused.
+
+  Raises:
+    DistributedInitError: a peer did not arrive (or process 0 is not there) before the deadline.
+  """
+  if num_processes <= 1:
+    return
+  if not 0 <= process_id < num_processes:
+    raise ValueError(f"process_id {process_id} is not in [0, {num_processes})")
+  host, port = _split(coordinator)
+  port += port_offset
+  deadline = time.monotonic() + timeout_s
+  if process_id == 0:
+    _lead(host, port, num_processes, deadline, timeout_s)
+  else:
+    _follow(host, port, num_processes, process_id, deadline, timeout_s)
+
+
+def _lead(host: str, port: int, n: int, deadline: float, timeout_s: float) -> None:
+  server = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+  server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+  peers: dict[int, socket.socket] = {}
+  try:
+    try:
+      server.bind(("" if host not in ("127.0.0.1", "localhost") else host, port))
+    except OSError as e:
+      raise DistributedInitError(f"process 0 cannot listen on port {port} for the rendezvous: {e}") from e
+    server.listen(n)
+    while len(peers) < n - 1:
+      left = deadline - time.monotonic()
+      if left <= 0:
+        missing = sorted(set(range(1, n)) - set(peers))
+        for conn in peers.values():
+          conn.sendall(b"FAIL " + ",".join(map(str, missing)).encode() + b"\n")
+        raise DistributedInitError(
+            f"process 0 waited {timeout_s:g} s for {n - 1} peer(s) at port {port}; process(es) {missing} never "
+            "arrived. Start every process with the same --coordinator and --num-processes, or raise the "
+            "timeout if some hosts start late.")
+      server.settimeout(left)
+      try:
+        conn, _ = server.accept()
+      except socket.timeout:
+        continue
+      try:
+        words = _recv_line(conn, deadline).split()
+        if len(words) != 3 or words[0] != _HELLO:
+          raise ValueError(f"unexpected greeting {words!r}")
+        pid, count = int(words[1]), int(words[2])
+      except (ValueError, ConnectionError, socket.timeout):
+        conn.close()
+        continue
+      if count != n or pid in peers or not 0 < pid < n:
+        conn.sendall(f"FAIL bad id {pid} or process count {count} (expected {n})\n".encode())
+        conn.close()
+        continue
+      peers[pid] = conn
+    for conn in peers.values():
+      conn.sendall(b"GO\n")
+  finally:
+    for conn in peers.values():
+      conn.close()
+    server.close()
+
+
+def _follow(host: str, port: int, n: int, pid: int, deadline: float, timeout_s: float) -> None:
+  last_error: Optional[Exception] = None
+  while time.monotonic() < deadline:
+    try:
+      conn = socket.create_connection((host, port), timeout=max(deadline - time.monotonic(), 0.01))
+    except OSError as e:  # process 0 not listening yet
+      last_error = e
+      time.sleep(0.05)
+      continue
+    try:
+      conn.sendall(_HELLO + f" {pid} {n}\n".encode())
+      reply = _recv_line(conn, deadline)
+    except (OSError, ConnectionError) as e:
+      last_error = e
+      conn.close()
+      time.sleep(0.05)
+      continue
+    conn.close()
+    if reply == b"GO":
+      return
+    raise DistributedInitError(f"process {pid}: the rendezvous at {host}:{port} failed: {reply.decode()!r} "
+                               "(process ids listed after FAIL never arrived)")
+  raise DistributedInitError(
+      f"process {pid} could not complete the rendezvous with process 0 at {host}:{port} within {timeout_s:g} s "
+      f"(last error: {last_error}); is process 0 running with the same --coordinator?")
+
+
+def initialize(coordinator: str, num_processes: int, process_id: int, timeout_s: float = 60.0, *,
+               heartbeat_timeout_s: int = 30, local_device_ids: Optional[Sequence[int]] = None,
+               preflight: bool = True) -> None:
+  """Joins a multi-process job; raises ``DistributedInitError`` (never hangs) if a peer is missing.
+
+  Args:
+    coordinator: ``host:port`` of process 0 (the rendezvous uses ``port + 1`` too).
+    num_processes: processes in the job.
+    process_id: this process's index in ``[0, num_processes)``.
+    timeout_s: how long to wait for every peer.
+    heartbeat_timeout_s: after start-up, a peer silent this long stops the job (JAX terminates the
+      survivors rather than leaving them blocked in a collective).
+    local_device_ids: devices of this host to use (None = all).
+    preflight: meet over our own socket first (see the module docstring); disable where only the
+      coordinator's port is reachable (then a missing peer aborts the process after ``timeout_s``).
+  """
+  if preflight:
+    rendezvous(coordinator, num_processes, process_id, timeout_s)
+  jax.distributed.initialize(coordinator_address=coordinator, num_processes=num_processes,
+                             process_id=process_id, local_device_ids=local_device_ids,
+                             initialization_timeout=max(int(timeout_s), 1),
+                             heartbeat_timeout_seconds=heartbeat_timeout_s)
+
+
+def process_clients(num_clients: int, mesh: Mesh) -> slice:
+  """The contiguous range of global clients whose rows live on this process's devices."""
+  sharding = NamedSharding(mesh, P("clients"))
+  rows = sorted({(idx[0].start or 0, idx[0].stop if idx[0].stop is not None else num_clients)
+                 for idx in sharding.addressable_devices_indices_map((num_clients,)).values()})
+  start, stop = rows[0][0], rows[-1][1]
+  if sum(b - a for a, b in rows) != stop - start:
+    raise ValueError(f"this process's clients are not contiguous: {rows}")
+  return slice(start, stop)
+
+
+def global_clients(local: Any, mesh: Mesh, num_clients: int) -> Any:
+  """Global client-stacked arrays (leading axis C, split over ``'clients'``) from this process's rows.
+
+  Args:
+    local: pytree whose leaves hold this process's clients, ``process_clients(C, mesh)``, on axis 0.
+    mesh: the global ``'clients'`` mesh.
+    num_clients: C, the global (padded) client count.
+  """
+  sharding = NamedSharding(mesh, P("clients"))
+  return jax.tree.map(lambda x: jax.make_array_from_process_local_data(
+      sharding, np.asarray(x), (num_clients,) + tuple(np.shape(x)[1:])), local)
+
+
+def global_replicated(tree: Any, mesh: Mesh) -> Any:
+  """Arrays every process holds whole (server state, shared features), replicated over the mesh."""
+  sharding = NamedSharding(mesh, P())
+  return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x), np.shape(x)), tree)
+
+
+def fetch(tree: Any) -> Any:
+  """numpy copies on every process: replicated arrays from a local shard, sharded ones gathered."""
+  from jax.experimental import multihost_utils
+
+  def one(x):
+    if not isinstance(x, jax.Array) or x.is_fully_addressable:
+      return np.asarray(x)
+    if x.sharding.is_fully_replicated:
+      return np.asarray(x.addressable_data(0))
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+  return jax.tree.map(one, tree)

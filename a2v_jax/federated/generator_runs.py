@@ -1,0 +1,454 @@
+"""Run 1 and Run 2 of the generator workflow, as stages the trainer calls (seeds 001-003, spec 5).
+
+Run 1 (``use_generator``; ``generator_training_mode`` is accepted as a synonym): every round, after the
+heads' round, the generators train on the nodes' TRAIN features -- rows of the cached AST features,
+pooled once to S tokens -- for ``generator_training_epochs``, all slots in one ``jit(vmap)``
+(``generator_training.train_generators``). Per-round losses go into the round row as
+``train/node_{i}/generator_{loss,recon,kl,cos}`` (GAN: ``generator_{loss,gan_d,gan_g,d_real,d_fake}``),
+last epoch, averaged over the node's slots. Checkpoints go to
+``{generator_checkpoint_dir}/{generator_checkpoint_base_name}/round_XXXXX`` (``generator_checkpoint``),
+recording the data and feature settings Run 2 must agree with. ``generator_only_mode`` trains no heads
+and computes no text targets (:func:`train_generators_only`); nodes share one generator per key when
+``shared_generator_in_only_mode`` (the reference's server instance).
+
+Run 2 (``use_pretrained_generators``): the generators of the latest complete round are restored before
+anything else, and every disagreement (missing / partial / corrupt directory, other classes, shapes,
+nodes or data split) stops the run at start-up. The AST is never constructed: real features come from
+the feature cache when one exists for these clips (a cache hit reads a ``.npy``; on a miss the loader
+hook refuses instead of building the AST), or from the cache Run 1 recorded (when the AST weights are
+not on this machine). Without any cache the nodes train on synthetic features only and no real
+evaluation is possible (said at start-up). Synthetic features: ``synthetic_samples_per_class`` per node
+and class (``'auto'`` = node train rows // classes it holds), sampled once at start-up from z ~ N(0, I)
+without input noise (``generator_augmentation`` is Run 1's denoising training, as in seed 001),
+un-standardised with the scale Run 1 recorded (``generator_standardize_features``) and stretched to the
+heads' token count; the server concatenates them per class (logged as
+``server/synthetic_samples_{total,classes}``). They are appended to the feature array as ordinary rows
+and each node's train indices point at its own synthetic rows (plus its real ones unless
+``train_on_real_features`` is false), so the engine trains on them exactly as on real rows.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from a2v_jax import checkpoint as ckpt_lib
+from a2v_jax import features as features_lib
+from a2v_jax import generator_checkpoint as gc
+from a2v_jax.config import Config
+from a2v_jax.data.nodes import NodeData
+from a2v_jax.data.records import Clip, ClipSet
+from a2v_jax.federated import generator_training as gt
+from a2v_jax.federated.kd import pad_rows
+from a2v_jax.models import generators as gen
+from a2v_jax.types import PRNGKey
+
+# fold_in salts of the run key: generator training, Run 2's synthetic rows, KD features.
+GEN_SALT, SYNTHETIC_SALT, KD_SALT = 0x6E4E, 0x5A17, 0x0D15
+# Row names of the per-round generator metrics (generator_training's names -> ours).
+METRIC_NAMES = {"loss": "generator_loss", "recon": "generator_recon", "kl": "generator_kl",
+                "cos": "generator_cos", "d_loss": "generator_gan_d", "g_loss": "generator_gan_g",
+                "d_real": "generator_d_real", "d_fake": "generator_d_fake"}
+
+
+class GeneratorRunError(RuntimeError):
+  """Run 1 / Run 2 cannot go on (non-finite losses, checkpoints of another run, unusable data)."""
+
+
+def run_key(cfg: Config, salt: int) -> PRNGKey:
+  return jax.random.fold_in(jax.random.PRNGKey(cfg.experiment.seed), salt)
+
+
+def _train_rows(nodes: NodeData) -> list[np.ndarray]:
+  return [np.asarray(n["train"], np.int64) for n in nodes.nodes]
+
+
+def _padded(rows: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+  """(C, N) row index and validity of ragged per-node row lists."""
+  width = max([len(r) for r in rows] + [1])
+  index = np.zeros((len(rows), width), np.int64)
+  mask = np.zeros((len(rows), width), bool)
+  for i, r in enumerate(rows):
+    index[i, :len(r)], mask[i, :len(r)] = r, True
+  return index, mask
+
+
+@dataclasses.dataclass(frozen=True)
+class FeatureScale:
+  """Per-(token, dim) mean and std of the features the generators model (``generator_standardize_features``).
+
+  Computed over every node's train rows pooled to S tokens -- in a deployment, from the nodes' per-row
+  sums and sums of squares (secure aggregation), no row leaving its node. Recorded in each generator
+  manifest; samples are mapped back with :meth:`restore` before anything else sees them.
+  """
+  mean: np.ndarray  # (S, D)
+  std: np.ndarray   # (S, D)
+
+  @classmethod
+  def fit(cls, pool: np.ndarray) -> "FeatureScale":
+    pool = np.asarray(pool, np.float64)
+    return cls(pool.mean(0).astype(np.float32), np.maximum(pool.std(0), 1e-6).astype(np.float32))
+
+  @classmethod
+  def identity(cls, seq_len: int, dim: int) -> "FeatureScale":
+    return cls(np.zeros((seq_len, dim), np.float32), np.ones((seq_len, dim), np.float32))
+
+  @classmethod
+  def from_extra(cls, extra: dict, spec: gt.GeneratorSpec) -> "FeatureScale":
+    """The scale a manifest recorded (identity when it recorded none)."""
+    if extra.get("feature_mean") is None:
+      return cls.identity(spec.seq_len, spec.feature_dim)
+    scale = cls(np.asarray(extra["feature_mean"], np.float32), np.asarray(extra["feature_std"], np.float32))
+    if scale.mean.shape != (spec.seq_len, spec.feature_dim) or scale.std.shape != scale.mean.shape:
+      raise gc.GeneratorCheckpointError(f"feature scale of shape {scale.mean.shape} / {scale.std.shape} recorded for "
+                                        f"generators of ({spec.seq_len}, {spec.feature_dim}) tokens")
+    return scale
+
+  def to_extra(self) -> dict[str, list]:
+    return {"feature_mean": self.mean.tolist(), "feature_std": self.std.tolist()}
+
+  def standardise(self, x: np.ndarray) -> np.ndarray:
+    return (x - self.mean) / self.std
+
+  def restore(self, x: np.ndarray) -> np.ndarray:
+    return x * self.std + self.mean
+
+
+def draw(state: gt.GenState, scale: FeatureScale, key: PRNGKey, counts: np.ndarray, length: int, *,
+         allow_mixture: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+  """``sample_generators`` in feature units: samples of S tokens, un-standardised, then stretched to
+  ``length`` tokens. Returns numpy (features (C, M, length, D), labels (C, M), valid (C, M))."""
+  x, y, valid = gt.sample_generators(state, key, counts, allow_mixture=allow_mixture)
+  x = scale.restore(np.asarray(x, np.float32))
+  x = np.asarray(gen.interpolate_tokens(jnp.asarray(x), length), np.float32)
+  return x, np.asarray(y), np.asarray(valid)
+
+
+# ---------------------------------------------------------------------------------------------
+# Run 1.
+
+
+@dataclasses.dataclass
+class Run1:
+  """Run 1's generators and the (fixed) data they train on."""
+  state: gt.GenState
+  pool: jax.Array          # (R, S, D) every node's train rows, pooled to S tokens once (standardised)
+  pool_labels: np.ndarray  # (R,)
+  index: np.ndarray        # (C, N) pool row of each node row
+  mask: np.ndarray         # (C, N)
+  key: PRNGKey
+  scale: FeatureScale
+
+
+def run1_extra(cfg: Config, prepared: Any, run: Run1) -> dict[str, Any]:
+  """What Run 2 must agree with and needs, recorded in every generator manifest."""
+  d = cfg.to_dict()
+  cache = getattr(prepared.features, "filename", None)
+  return {"run_name": cfg.experiment.name, "data": d["data"], "features": d["features"],
+          "ast_model": cfg.backbones.ast_model, "token_shape": list(prepared.features.shape[1:]),
+          "feature_cache": str(Path(cache).parent) if cache else None,
+          "train_rows": [len(r) for r in _train_rows(prepared.nodes)], **run.scale.to_extra()}
+
+
+def start_run1(cfg: Config, prepared: Any, *, resume_round: Optional[int], resume: bool) -> Run1:
+  """Fresh generators, or those of ``resume_round`` when resuming.
+
+  Raises:
+    GeneratorRunError: a fresh (not resumed) run would mix its rounds into another run's checkpoints,
+      or the checkpoint's slots / token count do not fit this data.
+  """
+  g = cfg.generators
+  names = prepared.class_names
+  rows = _train_rows(prepared.nodes)
+  flat = np.concatenate(rows)
+  starts = np.cumsum([0] + [len(r) for r in rows])
+  index, mask = _padded([np.arange(starts[i], starts[i + 1]) for i in range(len(rows))])
+  pool_labels = prepared.nodes.clipset.labels[flat]
+  token_shape = tuple(int(v) for v in prepared.features.shape[1:])
+  pool = np.asarray(gen.pool_tokens(jnp.asarray(np.asarray(prepared.features[flat]), jnp.float32),
+                                    g.generator_training_sequence_length))
+  scale = FeatureScale.fit(pool) if g.generator_standardize_features else FeatureScale.identity(*pool.shape[1:])
+  pool = jnp.asarray(scale.standardise(pool))
+  layout = gt.make_layout(g, pool_labels, mask, len(names), index=index, class_names=names)
+  key = run_key(cfg, GEN_SALT)
+  if resume_round is not None:
+    state, _ = gc.restore_generators(g, round_num=resume_round, feature_dim=token_shape[1], num_classes=len(names),
+                                     class_names=names)
+    if state.layout != layout or state.spec.source_length != token_shape[0]:
+      raise GeneratorRunError(
+          f"generator checkpoint round {resume_round} under {gc.checkpoint_root(g)} does not fit this data: slots "
+          f"{[(d['node'], d['key']) for d in state.layout.describe()]} vs "
+          f"{[(d['node'], d['key']) for d in layout.describe()]}, tokens {state.spec.source_length} vs {token_shape[0]}")
+  else:
+    complete, _ = gc.scan_rounds(g)
+    if complete and not resume:
+      raise GeneratorRunError(
+          f"{gc.checkpoint_root(g)} already holds generator rounds {complete} of another run; a new Run 1 would mix "
+          "its rounds with them. Pass --resume to continue that run, or set another generator_checkpoint_base_name "
+          "(or generator_checkpoint_dir), or delete the directory")
+    state = gt.init_generators(key, g, layout, token_shape, len(names))
+  return Run1(state, pool, pool_labels, index, mask, key, scale)
+
+
+def generator_row(layout: gt.SlotLayout, metrics: dict[str, np.ndarray]) -> dict[str, float]:
+  """Per-node round metrics: the last epoch's values, averaged over the node's slots (visits when shared)."""
+  rows = np.asarray(metrics["rows"])
+  out: dict[str, float] = {}
+  for node in range(layout.num_nodes):
+    cells = [(s, v) for s in range(rows.shape[0]) for v in range(rows.shape[1]) if rows[s, v] > 0
+             and (v == node if layout.shared else layout.slot_node[s] == node)]
+    if not cells:
+      continue
+    for k, name in METRIC_NAMES.items():
+      if k in metrics:
+        out[f"train/node_{node}/{name}"] = float(np.mean([np.asarray(metrics[k])[s, v, -1] for s, v in cells]))
+    out[f"train/node_{node}/generator_num_samples"] = int(sum(rows[c] for c in cells))
+  return out
+
+
+def train_round(cfg: Config, run: Run1, round_: int) -> tuple[Run1, dict[str, float]]:
+  """One round of generator training (every slot, one jitted vmapped call); returns the row entries."""
+  t0 = time.time()
+  state, metrics = gt.train_generators(run.state, run.pool, run.pool_labels, run.mask,
+                                       jax.random.fold_in(run.key, round_), index=run.index)
+  row = generator_row(state.layout, jax.device_get(metrics))
+  bad = sorted({k.split("/")[1] for k, v in row.items() if not np.isfinite(v)})
+  if bad:
+    raise GeneratorRunError(f"non-finite generator losses in round {round_} at {bad}; stopping (the last "
+                            "generator checkpoint is kept)")
+  row["server/generator_seconds"] = round(time.time() - t0, 4)
+  return dataclasses.replace(run, state=state), row
+
+
+def train_generators_only(cfg: Config, prepared: Any, log: Any, *, resume: bool, verbose: bool) -> dict[str, Any]:
+  """``generator_only_mode``: rounds of generator training only (no heads, no text targets, no diffusion).
+
+  Resumes from the latest complete generator round (the only state of such a run).
+  """
+  g = cfg.generators
+  start = (gc.latest_round(g) or 0) if resume else 0
+  run = start_run1(cfg, prepared, resume_round=start or None, resume=resume)
+  if start:
+    log.truncate_after(start)
+    if verbose:
+      print(f"resumed generators from round {start} ({gc.round_dir(g, start)})")
+  if verbose:
+    print(f"generator-only Run 1: {run.state.layout.num_slots} generator slot(s) "
+          f"({'shared' if run.state.layout.shared else 'per node'}, {g.generator_granularity}), "
+          f"{run.pool.shape[0]} train rows pooled to {tuple(run.pool.shape[1:])}; writing {gc.checkpoint_root(g)}")
+  if not g.generator_save_checkpoint and verbose:
+    print("warning: generator_save_checkpoint is false: nothing of this run will be kept")
+  extra = run1_extra(cfg, prepared, run)
+  last = cfg.federation.global_rounds
+  times = []
+  for r in range(start + 1, last + 1):
+    t0 = time.time()
+    run, grow = train_round(cfg, run, r)
+    times.append(time.time() - t0)
+    log.append({"round": r, "round_seconds": round(times[-1], 4), **grow})
+    if gc.should_save(g, r, last):
+      gc.save_generators(g, run.state, r, extra=extra)
+  return log.finish(cfg, extra={
+      "generator_checkpoints": str(gc.checkpoint_root(g)), "generator_latest_round": gc.latest_round(g),
+      "generator_slots": run.state.layout.num_slots,
+      "mean_round_seconds_after_first": float(np.mean(times[1:])) if len(times) > 1 else None})
+
+
+# ---------------------------------------------------------------------------------------------
+# Run 2.
+
+
+def restore_pretrained(cfg: Config, nodes: NodeData, *, feature_dim: Optional[int] = None
+                       ) -> tuple[gt.GenState, int, dict[str, Any]]:
+  """Restores the latest complete generator round and checks it was trained for these nodes and data.
+
+  Raises:
+    generator_checkpoint.GeneratorCheckpointError: missing / partial / corrupt checkpoints, other generator
+      settings, classes or shapes (found vs expected), another node count or data section.
+  """
+  g = cfg.generators
+  names = nodes.clipset.class_names
+  state, rnd = gc.restore_generators(g, feature_dim=feature_dim, num_classes=len(names), class_names=names)
+  path = gc.round_dir(g, rnd)
+  extra = json.loads((path / gc.MANIFEST).read_text()).get("extra") or {}
+  problems = []
+  if state.layout.num_nodes != nodes.num_nodes:
+    problems.append(f"nodes: checkpoint has {state.layout.num_nodes}, expected {nodes.num_nodes}")
+  if "data" in extra:
+    problems += ckpt_lib.config_differences({"data": extra["data"]}, {"data": cfg.to_dict()["data"]})
+  if problems:
+    raise gc.GeneratorCheckpointError(
+        f"{path} was written by a Run 1 on other data (its generators may have seen this run's test clips):\n  "
+        + "\n  ".join(problems))
+  return state, rnd, extra
+
+
+class _NoCache(Exception):
+  """Raised by the loader hook instead of constructing the AST on a cache miss."""
+
+
+def _refuse_ast(*args, **kwargs):
+  raise _NoCache()
+
+
+def _cache_matches(cfg: Config, clipset: ClipSet, cache: Path) -> bool:
+  fe = cfg.features
+  try:
+    m = json.loads((cache / "manifest.json").read_text())
+  except (OSError, json.JSONDecodeError):
+    return False
+  want = {"sample_rate": fe.sample_rate, "mel": fe.num_mel_bins, "max_length": fe.max_length,
+          "cls": fe.use_cls_token_only, "pooled": fe.pooled_tokens, "dtype": fe.cache_dtype, "long": fe.long_clips}
+  return (all(m.get(k) == v for k, v in want.items()) and m.get("clip_ids") == [c.clip_id for c in clipset.clips]
+          and m.get("clips") == features_lib.clips_digest(clipset))
+
+
+def cached_features(cfg: Config, clipset: ClipSet, *, hint: Optional[str] = None,
+                    verbose: bool = True) -> Optional[np.ndarray]:
+  """Real AST features from the cache, or None; never constructs the AST.
+
+  First the regular cache lookup (its key hashes the AST weights, so this needs the AST directory; on a
+  miss the loader hook raises instead of loading); then ``hint``, the cache Run 1 recorded, accepted if
+  its manifest lists exactly these clips (ids and bytes) and feature settings.
+  """
+  from a2v_jax.backbones.paths import backbone_dir
+  try:
+    ast_dir = backbone_dir(cfg, "ast", create=False)
+  except FileNotFoundError:
+    ast_dir = None
+  if ast_dir is not None and ast_dir.is_dir():
+    try:
+      return features_lib.ast_features(cfg, clipset, ast_dir=ast_dir, verbose=verbose, _loader=_refuse_ast)
+    except _NoCache:
+      pass
+  if hint and _cache_matches(cfg, clipset, Path(hint)):
+    if verbose:
+      print(f"AST features: the cache Run 1 recorded, {hint}")
+    return np.load(Path(hint) / "features.npy", mmap_mode="r")
+  return None
+
+
+def check_features(cfg: Config, state: gt.GenState, features: Optional[np.ndarray]) -> int:
+  """The synthetic token count (= the heads' input tokens); errors when the real features disagree."""
+  spec = state.spec
+  if features is None:
+    length = cfg.generators.generator_output_sequence_length or spec.source_length
+    return length
+  t, d = (int(v) for v in features.shape[1:])
+  if d != spec.feature_dim:
+    raise gc.GeneratorCheckpointError(f"the generators model {spec.feature_dim}-d features, the feature cache holds "
+                                      f"{d}-d ones")
+  want = cfg.generators.generator_output_sequence_length
+  if want is not None and want != t:
+    raise GeneratorRunError(f"config key 'generator_output_sequence_length' is {want}, but the heads read the cached "
+                            f"features' {t} tokens; set it to {t} or null")
+  return t
+
+
+def synthetic_counts(cfg: Config, nodes: NodeData) -> np.ndarray:
+  """(C, K) samples per node and class from the nodes' train labels (spec 5.6)."""
+  index, mask = _padded(_train_rows(nodes))
+  return gt.synthetic_counts(cfg.generators, nodes.clipset.labels, mask, len(nodes.clipset.class_names),
+                             index=index)
+
+
+def aggregate_synthetic(labels: np.ndarray, num_classes: int) -> dict[str, int]:
+  """The server's per-class concatenation of every node's synthetic rows, as counts (what it logs)."""
+  per_class = np.bincount(np.asarray(labels, np.int64), minlength=num_classes)
+  return {"server/synthetic_samples_total": int(per_class.sum()),
+          "server/synthetic_samples_classes": int((per_class > 0).sum())}
+
+
+def add_synthetic(cfg: Config, prepared: Any, state: gt.GenState, scale: FeatureScale, length: int, *,
+                  verbose: bool = True) -> tuple[Any, dict[str, int]]:
+  """Appends every node's synthetic train rows to the prepared data (a new Prepared; the input is kept).
+
+  Rows are ordinary rows of ``features`` with ordinary clip records (path ``<synthetic>``, split
+  ``train``); node n's train indices become its synthetic rows (+ its real train rows when real
+  features exist and ``train_on_real_features``). Without real features only synthetic rows remain
+  and val / test are empty.
+
+  Returns:
+    (prepared, server row entries ``server/synthetic_samples_{total,classes}``).
+  """
+  g = cfg.generators
+  nodes, names = prepared.nodes, prepared.class_names
+  counts = synthetic_counts(cfg, nodes)
+  try:
+    x, y, valid = draw(state, scale, synthetic_key(cfg, 1), counts, length)
+  except ValueError as e:
+    raise GeneratorRunError(f"Run 2 cannot draw the synthetic features its nodes need: {e}") from e
+  real = prepared.features
+  base = 0 if real is None else len(nodes.clipset)
+  clips, feats, new_nodes = [], [], []
+  for n, node in enumerate(nodes.nodes):
+    xs, ys = x[n][valid[n]], y[n][valid[n]]
+    start = base + sum(len(f) for f in feats)
+    feats.append(xs)
+    clips += [Clip(path="<synthetic>", label=int(c), group=f"synthetic_node{n}", clip_id=f"synthetic_n{n}_{j}",
+                   split="train") for j, c in enumerate(ys)]
+    own = np.arange(start, start + len(xs))
+    if real is None:
+      empty = np.zeros((0,), np.int64)
+      new_nodes.append({"train": own, "val": empty, "test": empty})
+    else:
+      train = np.concatenate([np.asarray(node["train"], np.int64), own]) if g.train_on_real_features else own
+      new_nodes.append(dict(node, train=train))
+  syn = np.concatenate(feats)
+  info = aggregate_synthetic(np.asarray([c.label for c in clips]), len(names))
+  if real is None:
+    clipset = ClipSet(f"{nodes.clipset.name}_synthetic", names, tuple(clips))
+    features = syn
+  else:
+    clipset = ClipSet(f"{nodes.clipset.name}+synthetic", names, nodes.clipset.clips + tuple(clips))
+    features = np.concatenate([np.asarray(real, np.float32), syn])
+  if verbose:
+    what = ("real + synthetic" if g.train_on_real_features else "synthetic only") if real is not None else \
+        "synthetic only (no feature cache: real evaluation is unavailable)"
+    print(f"Run 2: {info['server/synthetic_samples_total']} synthetic rows of {tuple(syn.shape[1:])} over "
+          f"{info['server/synthetic_samples_classes']} classes; nodes train on {what}")
+  return dataclasses.replace(prepared, nodes=NodeData(clipset, tuple(new_nodes)), features=features), info
+
+
+def synthetic_key(cfg: Config, round_: int) -> PRNGKey:
+  """Key of the synthetic rows used in ``round_`` (round 1: the start-up draw)."""
+  return jax.random.fold_in(run_key(cfg, SYNTHETIC_SALT), round_)
+
+
+def redraw_synthetic(cfg: Config, state: gt.GenState, scale: FeatureScale, counts: np.ndarray, length: int,
+                     round_: int) -> np.ndarray:
+  """Fresh synthetic rows for ``round_``, in :func:`add_synthetic`'s row order (node, then class): the
+  same labels, new latents. Same shapes every round, so nothing recompiles."""
+  x, _, valid = draw(state, scale, synthetic_key(cfg, round_), counts, length)
+  return x[valid]
+
+
+def kd_features(state: gt.GenState, scale: FeatureScale, key: PRNGKey, per_class: int, length: int,
+                batch_size: int) -> tuple[np.ndarray, np.ndarray]:
+  """``per_class`` generator features per trained class for KD (split over the nodes holding it).
+
+  Labels do not enter KD (the teacher is the clients' mean output), so an unconditioned generator of
+  several classes contributes its mixture. Shapes depend only on the counts: one compile per run.
+
+  Returns:
+    (x (M, length, D), mask (M,)), M padded to a multiple of ``batch_size``.
+  """
+  layout, seen = state.layout, np.asarray(state.seen)
+  counts = np.zeros((layout.num_nodes, state.spec.num_classes), np.int64)
+  for c in range(state.spec.num_classes):
+    holders = [n for n in range(layout.num_nodes)
+               if (s := layout.slot_for_class(n, c)) is not None and seen[s, c]]
+    holders = holders[:1] if layout.shared else holders
+    for i, n in enumerate(holders):
+      counts[n, c] = per_class // len(holders) + (i < per_class % len(holders))
+  if not counts.any():
+    raise GeneratorRunError("KD needs generator features, but no generator has been trained on any class")
+  x, _, valid = draw(state, scale, key, counts, length, allow_mixture=True)
+  return pad_rows(x[valid], batch_size)

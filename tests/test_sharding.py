@@ -1,0 +1,92 @@
+"""The client axis sharded over a 4-device mesh gives the same rounds as one device.
+
+The device count must be fixed before JAX starts, so the check runs in a subprocess with
+``XLA_FLAGS=--xla_force_host_platform_device_count=4``; this file is also that subprocess's script.
+Six real clients are padded to eight (a multiple of the device count): the padded clients hold no data,
+so the sharded 8-client rounds must equal the unsharded 6-client rounds, not only the unsharded 8.
+"""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _problem(num_clients: int):
+  import jax
+  import jax.numpy as jnp
+
+  from a2v_jax import config
+  from a2v_jax.federated import engine
+  from a2v_jax.models.heads import make_heads
+  from experiments import scaling
+
+  cfg = config.load(None, ['adapter_aggregation_mode="avg"', "local_epochs=2", "batch_size=4",
+                           "clip_adapter_hidden=[16]", "t5_adapter_hidden=[16]", "map_heads=2"])
+  w = scaling.Workload(num_clients=num_clients, samples_per_client=6, batch_size=4, local_epochs=2, tokens=5,
+                       feature_dim=8, target_shapes={"clip": (4,), "t5": (3, 8)}, num_classes=4)
+  heads = make_heads(cfg, w.target_shapes)
+  apply_fn = lambda p, x: heads.apply({"params": p}, x)
+  init_fn = lambda k: heads.init(k, jnp.zeros((1, w.tokens, w.feature_dim)))["params"]
+  alg = engine.fed_a2v(cfg, apply_fn, init_fn, steps=w.steps, num_clients=num_clients)
+  init = jax.jit(lambda k: scaling.replicated_init(cfg, init_fn, num_clients, k))
+  return cfg, w, alg, init
+
+
+def child(real: int = 6, rounds: int = 3) -> None:
+  """Runs in the 4-device subprocess: sharded (padded) vs one device (padded and unpadded)."""
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+
+  from a2v_jax.federated import engine, sharding
+  from a2v_jax.federated.local import Shared
+  from experiments import scaling
+
+  assert len(jax.devices()) == 4, jax.devices()
+  mesh = sharding.client_mesh()
+  padded = sharding.padded_clients(real, mesh)
+  assert padded == 8
+  cfg, w, alg, init = _problem(padded)
+  data = scaling.synthetic_data(w)
+  shared = Shared(jnp.asarray(data.features), jnp.asarray(data.labels), {b: jnp.asarray(t) for b, t in data.targets.items()})
+  rdata = scaling.round_data(w, data)
+  rdata = rdata._replace(count=rdata.count.at[real:].set(0))  # padding clients: no data
+  server0, clients0 = init(jax.random.PRNGKey(0))
+
+  def run(alg, server, clients, rdata, shared):
+    round_fn = jax.jit(alg.round)
+    for _ in range(rounds):
+      server, clients, _ = round_fn(server, clients, rdata, shared)
+    return jax.device_get(server.params), jax.device_get(clients.params)
+
+  one = run(alg, server0, clients0, rdata, shared)
+  sharded_in = (sharding.replicate(server0, mesh), sharding.shard_clients(clients0, mesh),
+                sharding.shard_clients(rdata, mesh), sharding.replicate(shared, mesh))
+  assert len(sharded_in[1].params["clip"]["adapter"]["Dense_0"]["kernel"].sharding.device_set) == 4
+  many = run(alg, *sharded_in)
+  _, _, alg6, _ = _problem(real)
+  take = lambda t: jax.tree.map(lambda x: x[:real], t)
+  unpadded = run(alg6, server0, take(clients0), engine.RoundData(rdata.idx[:real], rdata.count[:real]), shared)
+  for a, b, c in zip(jax.tree.leaves(one[0]), jax.tree.leaves(many[0]), jax.tree.leaves(unpadded[0])):
+    np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(b, c, rtol=1e-5, atol=1e-6)
+  for a, b in zip(jax.tree.leaves(one[1]), jax.tree.leaves(many[1])):
+    np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-6)
+  moved = max(float(np.max(np.abs(a - b))) for a, b in zip(jax.tree.leaves(one[0]), jax.tree.leaves(jax.device_get(server0.params))))
+  assert moved > 1e-4, "the rounds did not train"
+  print("SHARDING-OK")
+
+
+def test_sharded_rounds_equal_one_device():
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", PYTHONPATH=str(ROOT),
+             JAX_PLATFORMS="cpu")
+  out = subprocess.run([sys.executable, str(Path(__file__).resolve()), "child"], cwd=ROOT, env=env,
+                       capture_output=True, text=True, timeout=300)
+  assert out.returncode == 0 and "SHARDING-OK" in out.stdout, out.stdout[-3000:] + out.stderr[-3000:]
+
+
+if __name__ == "__main__" and sys.argv[1:] == ["child"]:
+  child()
