@@ -1,0 +1,1 @@
+"""Benchmarks (not tests): ``python -m benchmarks.bench_round``; results go to ``benchmarks/results/`` (git-ignored)."""
