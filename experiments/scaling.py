@@ -1,18 +1,26 @@
 """Many-client scaling study: the vmapped JAX round against the sequential torch reference.
 
   python -m experiments.scaling --config experiments/configs/fsdd_tiny.json --clients 1,10,100,1000 \
-      [--rounds 3 --warmup 1 --samples-per-client N --local-steps 2 --batch-size 2 --tokens 26 \
-       --feature-dim D --preset reference --out benchmarks/results/scaling --baseline torch|none|both]
+      [--rounds 3 --warmup 1 --samples-per-client N --local-steps 2 --batch-size 2 --epochs 1 --tokens T \
+       --feature-dim D --preset config|reference --baseline torch|none|both --yardstick \
+       --memory-budget-gb G --chunk K --out benchmarks/results/scaling]
+  python -m experiments.scaling --preset reference --largest-within-gb 24   # compile-only memory fit
 
 Per client count C, every client holds N synthetic samples (cached-feature shaped: T tokens of the
 config's AST width, no backbone needed) and trains E local epochs of ceil(N / B) steps with the config's
-heads (``make_heads``) and engine (``fed_a2v``). After ``--warmup`` rounds, ``--rounds`` rounds are timed.
-Per point it records rounds/s, samples/s, lowering and compile time (which must not grow with C), peak
-host RSS (a sampling thread), device peak memory when the backend reports it, bytes per client, the
-memory plan, and analytic training FLOP/s. ``--baseline torch`` times the sequential torch reference
-(``a2v_jax.baselines.torch_reference``: one model copy and AdamW per branch per client, FedAvg of
-state dicts) on the same data in the same process; ``both`` adds the reference's AST forward of every
-sample in every epoch. torch gets as many intra-op threads as the JAX CPU client (the cores we may use).
+heads (``make_heads``) and engine (``fed_a2v``). The memory plan (``a2v_jax.memory``) is checked, and the
+round compiled, before any client state is allocated. After ``--warmup`` rounds, ``--rounds`` rounds are
+timed, interleaved with the baselines' rounds (the machine is shared; its load drifts). Per point: rounds/s,
+samples/s, wall and process-CPU seconds, lowering and compile time (which must not grow with C), peak host
+RSS (a sampling thread), device peak memory when the backend reports it, bytes per client, the memory plan
+and XLA's buffer figure, and analytic training FLOP/s. ``--baseline torch`` times the sequential torch
+reference (``a2v_jax.baselines.torch_reference``: one model copy and AdamW per branch per client, FedAvg of
+state dicts) on the same data, from the same initial weights, in the same process; ``both`` adds the
+reference's AST forward of every sample in every epoch; ``--yardstick`` times a plain 2048^3 matmul between
+the rounds. torch gets as many intra-op threads as the JAX CPU client (the cores we may use).
+
+The CLI restarts itself once with ``ALLOCATOR_ENV`` (glibc settings that keep XLA's freed buffers mapped;
+see there) unless ``--system-allocator`` is given.
 
 Writes ``scaling.csv``, ``scaling.jsonl`` and ``scaling.png`` (time per round vs C, log-log) to ``--out``.
 """
@@ -23,7 +31,6 @@ import argparse
 import csv
 import dataclasses
 import json
-import math
 import os
 import sys
 import threading
@@ -141,7 +148,8 @@ def round_data(w: Workload, data: Data) -> engine.RoundData:
   return engine.RoundData(jnp.asarray(idx), jnp.full((w.num_clients,), w.samples_per_client, jnp.int32))
 
 
-def replicated_init(cfg: Config, init_fn: Callable, num_clients: int, rng: jax.Array) -> tuple[ServerState, ClientState]:
+def replicated_init(cfg: Config, init_fn: Callable, num_clients: int,
+                    rng: jax.Array) -> tuple[ServerState, ClientState]:
   """``fed_a2v``'s init, except that clients start from copies of the server params.
 
   Why: in the broadcast modes (avg, weighted) every client receives the global params at the start of
@@ -180,19 +188,6 @@ def forward_flops_per_sample(heads, tokens: int, feature_dim: int) -> int:
 def train_flops_per_round(heads, w: Workload) -> int:
   """Forward + backward (2x forward) matmul FLOPs of one round's real samples."""
   return 3 * forward_flops_per_sample(heads, w.tokens, w.feature_dim) * w.samples_per_round
-
-
-def matmul_rate(n: int = 2048, reps: int = 5) -> float:
-  """Measured fp32 FLOP/s of a plain ``jnp.dot`` n x n, the machine's yardstick (best of ``reps``)."""
-  a = jax.random.normal(jax.random.PRNGKey(0), (n, n), jnp.float32)
-  f = jax.jit(jnp.dot)
-  f(a, a).block_until_ready()
-  best = math.inf
-  for _ in range(reps):
-    t = time.perf_counter()
-    f(a, a).block_until_ready()
-    best = min(best, time.perf_counter() - t)
-  return 2 * n ** 3 / best
 
 
 # ------------------------------------------------------------------------------------------ memory
@@ -271,7 +266,8 @@ class JaxRunner:
   def setup(self) -> None:
     t = time.perf_counter()
     d = self.data
-    self.shared = Shared(jnp.asarray(d.features), jnp.asarray(d.labels), {b: jnp.asarray(v) for b, v in d.targets.items()})
+    self.shared = Shared(jnp.asarray(d.features), jnp.asarray(d.labels),
+                         {b: jnp.asarray(v) for b, v in d.targets.items()})
     self.rdata = round_data(self.w, d)
     self.server, self.clients = _block(self.init(jax.random.PRNGKey(self.seed)))
     self.params0 = jax.device_get(self.server.params)  # host copy: the first round donates the buffers
@@ -611,7 +607,8 @@ def main(argv=None) -> list[dict[str, Any]]:
     return [largest_for_args(cfg, args, extra)]
   rows = study(cfg, clients, workload_from_args(cfg, args, extra), rounds=args.rounds, warmup=args.warmup,
                baseline=args.baseline, budget=budget, chunk=args.chunk, yardstick=args.yardstick)
-  meta = {"argv": vars(args), "threads": cpu_threads(), "allocator_env": {k: os.environ.get(k) for k in ALLOCATOR_ENV}, "jax": jax.__version__, "device": str(jax.devices()[0]),
+  meta = {"argv": vars(args), "threads": cpu_threads(), "allocator_env": {k: os.environ.get(k) for k in ALLOCATOR_ENV},
+          "jax": jax.__version__, "device": str(jax.devices()[0]),
           "title": f"{cfg.experiment.name} ({args.preset} heads), {cpu_threads()} CPU threads"}
   write_outputs(rows, Path(args.out), meta)
   print(table(rows))

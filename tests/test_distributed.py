@@ -41,13 +41,13 @@ def _free_port() -> int:
 
 def _inputs():
   import jax
-  import jax.numpy as jnp
 
   from a2v_jax.federated.local import Shared
   from experiments import scaling
   cfg, w, alg, init = _problem(NUM_CLIENTS)
   data = scaling.synthetic_data(w)
-  shared = Shared(np.asarray(data.features), np.asarray(data.labels), {b: np.asarray(t) for b, t in data.targets.items()})
+  shared = Shared(np.asarray(data.features), np.asarray(data.labels),
+                  {b: np.asarray(t) for b, t in data.targets.items()})
   rdata = scaling.round_data(w, data)
   rdata = rdata._replace(count=rdata.count.at[-1].set(0))  # one client without data, as padding would be
   server, clients = jax.device_get(init(jax.random.PRNGKey(0)))

@@ -1,4 +1,5 @@
-"""The client axis sharded over a 4-device mesh gives the same rounds as one device.
+"""The client axis sharded over a 4-device mesh gives the same rounds as one device; memory plans
+(``a2v_jax.memory``: bytes per client, chunk choice, refusal before allocation) bound XLA's own figures.
 
 The device count must be fixed before JAX starts, so the check runs in a subprocess with
 ``XLA_FLAGS=--xla_force_host_platform_device_count=4``; this file is also that subprocess's script.
@@ -51,7 +52,8 @@ def child(real: int = 6, rounds: int = 3) -> None:
   assert padded == 8
   cfg, w, alg, init = _problem(padded)
   data = scaling.synthetic_data(w)
-  shared = Shared(jnp.asarray(data.features), jnp.asarray(data.labels), {b: jnp.asarray(t) for b, t in data.targets.items()})
+  shared = Shared(jnp.asarray(data.features), jnp.asarray(data.labels),
+                  {b: jnp.asarray(t) for b, t in data.targets.items()})
   rdata = scaling.round_data(w, data)
   rdata = rdata._replace(count=rdata.count.at[real:].set(0))  # padding clients: no data
   server0, clients0 = init(jax.random.PRNGKey(0))
@@ -75,7 +77,8 @@ def child(real: int = 6, rounds: int = 3) -> None:
     np.testing.assert_allclose(b, c, rtol=1e-5, atol=1e-6)
   for a, b in zip(jax.tree.leaves(one[1]), jax.tree.leaves(many[1])):
     np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-6)
-  moved = max(float(np.max(np.abs(a - b))) for a, b in zip(jax.tree.leaves(one[0]), jax.tree.leaves(jax.device_get(server0.params))))
+  start = jax.tree.leaves(jax.device_get(server0.params))
+  moved = max(float(np.max(np.abs(a - b))) for a, b in zip(jax.tree.leaves(one[0]), start))
   assert moved > 1e-4, "the rounds did not train"
   print("SHARDING-OK")
 
@@ -86,6 +89,44 @@ def test_sharded_rounds_equal_one_device():
   out = subprocess.run([sys.executable, str(Path(__file__).resolve()), "child"], cwd=ROOT, env=env,
                        capture_output=True, text=True, timeout=300)
   assert out.returncode == 0 and "SHARDING-OK" in out.stdout, out.stdout[-3000:] + out.stderr[-3000:]
+
+
+def test_memory_estimate_bounds_xla_and_refuses_before_allocating():
+  import jax
+  import numpy as np
+  import pytest
+
+  from a2v_jax import memory
+  from experiments import scaling
+  cfg, w, alg, init = _problem(16)
+  run = scaling.JaxRunner(cfg, w, scaling.synthetic_data(w), budget=1 << 40)  # compiles; allocates nothing
+  fp = run.footprint
+  server_params = jax.eval_shape(run.init, jax.random.PRNGKey(0))[0].params  # one client's shapes
+  n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(server_params))
+  assert fp.params == 4 * n_params
+  assert 2 * fp.params <= fp.opt_state <= 2 * fp.params + 1024  # AdamW moments (+ counters)
+  assert fp.activations > 0 and fp.batch == 4 * (w.batch_size * w.tokens * w.feature_dim + w.batch_size * (4 + 24))
+  assert run.xla_bytes <= run.plan.estimated <= 2.5 * run.xla_bytes
+  # A budget below one client's state at a time: refused with the numbers and the remedy.
+  with pytest.raises(memory.MemoryPlanError, match="At most .* clients fit per process"):
+    memory.plan(fp, 10_000, budget=fp.state * 100)
+  # All at once does not fit, chunks do: the plan picks a chunk and stays within the budget.
+  budget = memory.round_bytes(fp, 1000, 50)
+  chunk = memory.choose_chunk(fp, 1000, budget)
+  assert chunk is not None and 1 <= chunk < 1000 and memory.round_bytes(fp, 1000, chunk) <= budget
+  assert memory.choose_chunk(fp, 10, 1 << 40) is None
+
+
+def test_largest_count_from_two_compiles():
+  from a2v_jax import memory
+  calls = []
+
+  def bytes_at(c):  # an affine "compiler": 100 MiB + 7 MiB per client
+    calls.append(c)
+    return (100 + 7 * c) << 20
+
+  assert memory.largest_count(bytes_at, budget=1000 << 20) == (1000 - 100) // 7
+  assert len(calls) == 3
 
 
 if __name__ == "__main__" and sys.argv[1:] == ["child"]:

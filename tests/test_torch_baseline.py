@@ -24,11 +24,12 @@ from a2v_jax.federated import engine  # noqa: E402
 from a2v_jax.federated.local import Shared  # noqa: E402
 from a2v_jax.models.heads import make_heads  # noqa: E402
 from a2v_jax.trainer import layout  # noqa: E402
+from experiments.scaling import replicated_init  # noqa: E402
 from tests.fakes import synthetic_prepared  # noqa: E402
 
 
 @functools.lru_cache(maxsize=None)
-def _jax_side(batch_size, overrides=()):
+def _jax_side(batch_size, overrides):
   """Config, algorithm, data and initial state (cached: the flax init compiles slowly on CPU)."""
   cfg = config.load(None, ['adapter_aggregation_mode="avg"', "local_epochs=2", f"batch_size={batch_size}",
                            "clip_adapter_hidden=[16]", "t5_adapter_hidden=[16, 16]", "map_heads=2",
@@ -42,7 +43,9 @@ def _jax_side(batch_size, overrides=()):
   shared = Shared(jnp.asarray(prep.features), jnp.asarray(prep.nodes.clipset.labels),
                   {b: jnp.asarray(t) for b, t in prep.targets.items()})
   data = engine.RoundData(jnp.asarray(lay.train_idx), jnp.asarray(lay.train_count))
-  server, clients = jax.jit(alg.init)(jax.random.PRNGKey(0))
+  # avg mode overwrites every client's params with the server's in round 1, so clients may start as
+  # copies (scaling.replicated_init): same keys and optimiser state as alg.init, a much cheaper compile.
+  server, clients = jax.jit(lambda k: replicated_init(cfg, init_fn, lay.train_idx.shape[0], k))(jax.random.PRNGKey(0))
   return cfg, prep, heads, alg, shared, data, lay, server, clients
 
 

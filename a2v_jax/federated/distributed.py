@@ -145,15 +145,17 @@ def _follow(host: str, port: int, n: int, pid: int, deadline: float, timeout_s: 
       f"(last error: {last_error}); is process 0 running with the same --coordinator?")
 
 
-def initialize(coordinator: str, num_processes: int, process_id: int, timeout_s: float = 60.0, *,
-               heartbeat_timeout_s: int = 30, local_device_ids: Optional[Sequence[int]] = None,
-               preflight: bool = True) -> None:
+def initialize(coordinator: Optional[str], num_processes: Optional[int] = None, process_id: Optional[int] = None,
+               timeout_s: float = 60.0, *, heartbeat_timeout_s: int = 30,
+               local_device_ids: Optional[Sequence[int]] = None, preflight: bool = True) -> None:
   """Joins a multi-process job; raises ``DistributedInitError`` (never hangs) if a peer is missing.
 
   Args:
-    coordinator: ``host:port`` of process 0 (the rendezvous uses ``port + 1`` too).
-    num_processes: processes in the job.
-    process_id: this process's index in ``[0, num_processes)``.
+    coordinator: ``host:port`` of process 0 (the rendezvous uses ``port + 1`` too). None lets JAX detect
+      the cluster (SLURM, Open MPI, TPU pod slices) and skips the rendezvous: there the launcher starts
+      every process together, and a missing one aborts the job after ``timeout_s``.
+    num_processes: processes in the job (None with cluster detection).
+    process_id: this process's index in ``[0, num_processes)`` (None with cluster detection).
     timeout_s: how long to wait for every peer.
     heartbeat_timeout_s: after start-up, a peer silent this long stops the job (JAX terminates the
       survivors rather than leaving them blocked in a collective).
@@ -161,7 +163,9 @@ def initialize(coordinator: str, num_processes: int, process_id: int, timeout_s:
     preflight: meet over our own socket first (see the module docstring); disable where only the
       coordinator's port is reachable (then a missing peer aborts the process after ``timeout_s``).
   """
-  if preflight:
+  if coordinator is not None and (num_processes is None or process_id is None):
+    raise ValueError("an explicit coordinator needs num_processes and process_id")
+  if coordinator is not None and preflight:
     rendezvous(coordinator, num_processes, process_id, timeout_s)
   jax.distributed.initialize(coordinator_address=coordinator, num_processes=num_processes,
                              process_id=process_id, local_device_ids=local_device_ids,

@@ -9,7 +9,9 @@ last epoch, averaged over the node's slots. Checkpoints go to
 ``{generator_checkpoint_dir}/{generator_checkpoint_base_name}/round_XXXXX`` (``generator_checkpoint``),
 recording the data and feature settings Run 2 must agree with. ``generator_only_mode`` trains no heads
 and computes no text targets (:func:`train_generators_only`); nodes share one generator per key when
-``shared_generator_in_only_mode`` (the reference's server instance).
+``shared_generator_in_only_mode`` (the reference's server instance, trained by the nodes one after
+another -- on FSDD it drifts to the last node's speaker: train-on-synthetic accuracy 0.18 against 0.55
+with a generator per node and class, so the FSDD config turns sharing off).
 
 Run 2 (``use_pretrained_generators``): the generators of the latest complete round are restored before
 anything else, and every disagreement (missing / partial / corrupt directory, other classes, shapes,
@@ -18,10 +20,11 @@ the feature cache when one exists for these clips (a cache hit reads a ``.npy``;
 hook refuses instead of building the AST), or from the cache Run 1 recorded (when the AST weights are
 not on this machine). Without any cache the nodes train on synthetic features only and no real
 evaluation is possible (said at start-up). Synthetic features: ``synthetic_samples_per_class`` per node
-and class (``'auto'`` = node train rows // classes it holds), sampled once at start-up from z ~ N(0, I)
-without input noise (``generator_augmentation`` is Run 1's denoising training, as in seed 001),
-un-standardised with the scale Run 1 recorded (``generator_standardize_features``) and stretched to the
-heads' token count; the server concatenates them per class (logged as
+and class (``'auto'`` = node train rows // classes it holds), drawn from z ~ N(0, I) at start-up and
+again before every later round (``synthetic_resample_each_round``; same rows, labels and shapes, new
+latents), without input noise (``generator_augmentation`` is Run 1's denoising training, as in seed
+001), un-standardised with the scale Run 1 recorded (``generator_standardize_features``) and stretched
+to the heads' token count; the server concatenates them per class (logged as
 ``server/synthetic_samples_{total,classes}``). They are appended to the feature array as ordinary rows
 and each node's train indices point at its own synthetic rows (plus its real ones unless
 ``train_on_real_features`` is false), so the engine trains on them exactly as on real rows.
