@@ -109,7 +109,11 @@ def run_case(name: str, rounds: int, warmup: int, log=print) -> dict[str, Any]:
       "xla_gflop_per_round": xla_step_flops(cfg_b, wl) * steps / 1e9,
       "targets": case["targets"], "loadavg_1min": jx["loadavg_1min"],
   }
-  result["met"] = {k: result[k] >= v for k, v in case["targets"].items()}
+  # Judged on the smaller of the wall-time and CPU-time ratios: under a loaded machine either can flatter.
+  judged = {"speedup_vs_torch": min(result["speedup_vs_torch"], result["speedup_vs_torch_cpu_time"]),
+            "fraction_of_matmul": min(result["fraction_of_matmul"], result["fraction_of_matmul_cpu_time"])}
+  result["judged"] = judged
+  result["met"] = {k: judged[k] >= v for k, v in case["targets"].items()}
   return result
 
 
