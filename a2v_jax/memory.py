@@ -150,8 +150,8 @@ def choose_chunk(fp: ClientFootprint, num_clients: int, budget: int, fixed: int 
   return int(min(num_clients - 1, room // fp.working))
 
 
-def largest_count(bytes_at: Callable[[int], Optional[int]], budget: int, probes: tuple[int, int] = (1, 2),
-                  limit: int = 1 << 20) -> int:
+def largest_count(bytes_at: Callable[[int], Optional[int]], budget: int,
+                  probes: tuple[int, int] = (2, 8), limit: int = 1 << 20) -> int:
   """The largest client count whose *compiled* round fits ``budget`` (nothing is allocated).
 
   XLA's buffer sizes are affine in C, so two compiles (``probes``) predict the answer; one more
