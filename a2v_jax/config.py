@@ -119,8 +119,13 @@ class HeadConfig:
   # MAPBlock width multiplier of its MLP and number of attention heads.
   map_heads: int = 4
   map_mlp_ratio: int = 4
+  # Std of the MAPBlock's learned latents at init: 0.02 is Voltron's (and so the reference's). With such
+  # small latents every query is ~0, attention starts uniform (mean pooling) and its gradient is tiny, so
+  # training first sits on a plateau; a std of 1 starts with distinct queries (see README, tuning).
+  map_latents_init_std: float = 0.02
   # Latents (tokens) of the t5 branch output (17 in the reference).
   t5_latents: int = 17
+  # Read by fedgfe and ignored; accepted so reference configs load, refused when non-zero (validate).
   adapter_dropout: float = 0.0
 
 
@@ -136,6 +141,9 @@ class TrainConfig:
   clip_adapter_learning_rate_schedule: bool = False
   t5_adapter_learning_rate_schedule: bool = False
   optimizer_clip_gradients: bool = False
+  # a2v-jax: cosine decay of every branch without a reference schedule, from its learning rate to 0 over
+  # the run's global_rounds * local_epochs epochs (stepped per local epoch, like the reference's schedules).
+  learning_rate_decay: Literal["none", "cosine"] = "none"
   # Weight of an extra (1 - cosine) term; 0 = the reference's plain MSE.
   cosine_loss_weight: float = 0.0
   # Reproduce the reference's VEGAS collate bug (first sample's target for the whole batch).
@@ -151,6 +159,7 @@ class FederationConfig:
   adapter_aggregation_mode: Literal["avg", "weighted", "none", "centralised", "kd"] = "avg"
   join_ratio: float = 1.0
   # Server transform on the mean client delta: sgd(1.0) is FedAvg; adam is FedAdam (Reddi et al. 2021).
+  # Not applied in 'centralised' mode (one node, nothing to aggregate: its model is the model).
   server_optimizer: Literal["sgd", "adam"] = "sgd"
   server_learning_rate: float = 1.0
   # Server momentum on the mean client delta (FedAvgM, Hsu et al. 2019); 0 = plain FedAvg.
@@ -487,8 +496,12 @@ def validate(cfg: Config) -> None:
     raise ConfigError("config keys 'use_pretrained_generators' (Run 2: restore, never train) and "
                       "'generator_training_mode' (Run 1) exclude each other; to continue an interrupted Run 1, "
                       "run its config again with --resume")
-  if f.adapter_aggregation_mode == "centralised" and d.num_nodes != 1:
-    pass  # centralised pools every node's data into one; num_nodes still defines the partition.
+  if cfg.heads.adapter_dropout != 0.0:
+    raise ConfigError(
+        f"config key 'adapter_dropout' is {cfg.heads.adapter_dropout}, but dropout is not applied (fedgfe reads "
+        "the key and ignores it too; it is accepted only so reference configs load); set it to 0")
+  if cfg.heads.map_latents_init_std <= 0:
+    raise ConfigError(f"config key 'map_latents_init_std' must be > 0, got {cfg.heads.map_latents_init_std}")
 
 
 def dumps(cfg: Config) -> str:

@@ -31,6 +31,14 @@ class FeatureError(RuntimeError):
   """Feature extraction failed (bad audio files are listed)."""
 
 
+class FeatureCacheMiss(FeatureError):
+  """``cache_only`` was asked and no cache exists for these clips and settings (``path``: the one looked for)."""
+
+  def __init__(self, message: str, path: Path):
+    super().__init__(message)
+    self.path = path
+
+
 def _file_digest(path: Path, h: "hashlib._Hash") -> None:
   with open(path, "rb") as f:
     for block in iter(lambda: f.read(1 << 20), b""):
@@ -78,7 +86,8 @@ def _atomic_dir(final: Path) -> Path:
 
 
 def ast_features(cfg: Config, clipset: ClipSet, *, ast_dir: Optional[Path] = None,
-                 verbose: bool = True, _loader: Optional[Callable] = None) -> np.ndarray:
+                 verbose: bool = True, cache_only: bool = False,
+                 _loader: Optional[Callable] = None) -> np.ndarray:
   """Returns a read-only memmap ``(len(clipset), tokens, hidden)`` of frozen AST features.
 
   Args:
@@ -86,7 +95,13 @@ def ast_features(cfg: Config, clipset: ClipSet, *, ast_dir: Optional[Path] = Non
     clipset: the clips, in the order rows are wanted.
     ast_dir: AST directory; default from ``cfg.backbones`` (tiny written on first use).
     verbose: progress bar and timing lines.
+    cache_only: read the cache or fail; never construct the AST (Run 2, seed 002: the AST is
+      skipped entirely once generators exist). ``ast_dir`` is still hashed for the cache key.
     _loader: test hook replacing ``load_ast``.
+
+  Raises:
+    FeatureCacheMiss: ``cache_only`` and no cache for these clips and settings (names the path).
+    FeatureError: clips that could not be read or are too long (listed).
   """
   from a2v_jax.backbones.paths import backbone_dir
   from a2v_jax.data.audio import AudioError, load_audio
@@ -103,6 +118,10 @@ def ast_features(cfg: Config, clipset: ClipSet, *, ast_dir: Optional[Path] = Non
     if verbose:
       print(f"AST features: cache hit {final}")
     return np.load(final / "features.npy", mmap_mode="r")
+  if cache_only:
+    raise FeatureCacheMiss(
+        f"no AST feature cache {final} for the {len(clipset)} clips of '{clipset.name}' (key {key} over clips, AST "
+        f"weights at {ast_dir} and feature settings), and cache_only forbids constructing the AST", final)
 
   import jax.numpy as jnp
   from a2v_jax.backbones.ast import load_ast, make_ast_encoder

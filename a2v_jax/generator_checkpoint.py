@@ -216,6 +216,23 @@ def _expectations(cfg: GeneratorConfig, manifest: dict, feature_dim: Optional[in
   return spec, diffs
 
 
+def _expected_text(cfg: GeneratorConfig, feature_dim: Optional[int], num_classes: Optional[int],
+                   class_names: Optional[Sequence[str]]) -> str:
+  """What a restore looks for, in words: the layout on disk and the generators this config describes."""
+  what = [f"generator_type={cfg.generator_type!r}", f"granularity={cfg.generator_granularity!r}",
+          f"hidden_dim={cfg.generator_hidden_dim}", f"latent_dim={cfg.generator_latent_dim}",
+          f"sequence_length={cfg.generator_training_sequence_length}"]
+  if feature_dim is not None:
+    what.append(f"feature_dim={feature_dim}")
+  if class_names is not None:
+    what.append(f"classes={list(class_names)}")
+  elif num_classes is not None:
+    what.append(f"num_classes={num_classes}")
+  return ("round_NNNNN/ directories (each with manifest.json and an orbax state/) and a 'latest' pointer, "
+          "written by Run 1 (use_generator=true) under the same generator_checkpoint_dir / "
+          f"generator_checkpoint_base_name, holding {', '.join(what)}")
+
+
 def restore_generators(cfg: GeneratorConfig, *, round_num: Optional[int] = None,
                        feature_dim: Optional[int] = None, num_classes: Optional[int] = None,
                        class_names: Optional[Sequence[str]] = None) -> tuple[GenState, int]:
@@ -240,6 +257,7 @@ def restore_generators(cfg: GeneratorConfig, *, round_num: Optional[int] = None,
     GeneratorCheckpointError: with what was found and what was expected.
   """
   root = checkpoint_root(cfg)
+  wanted = _expected_text(cfg, feature_dim, num_classes, class_names)
   if not root.is_dir():
     parent = root.parent
     found = sorted(p.name for p in parent.iterdir()) if parent.is_dir() else []
@@ -247,13 +265,15 @@ def restore_generators(cfg: GeneratorConfig, *, round_num: Optional[int] = None,
         f"no generator checkpoints at {root} (generator_checkpoint_dir={cfg.generator_checkpoint_dir!r}, "
         f"generator_checkpoint_base_name={cfg.generator_checkpoint_base_name!r}); "
         + (f"{parent} holds {found}" if parent.is_dir() else f"{parent} does not exist")
-        + ". Run 1 (generator training) writes them.")
+        + f". Expected {wanted}")
   complete, problems = scan_rounds(cfg)
   for p in problems:
     log.warning("generator checkpoints: %s", p)
   if round_num is None:
     if not complete:
-      raise GeneratorCheckpointError(f"no complete round under {root}; found: {problems or 'nothing'}")
+      raise GeneratorCheckpointError(
+          f"no complete round under {root}; found: "
+          + ("; ".join(problems) if problems else "nothing (an empty directory)") + f". Expected {wanted}")
     round_num = complete[-1]
   elif round_num not in complete:
     raise GeneratorCheckpointError(f"round {round_num} is not a complete checkpoint under {root}; complete rounds: "

@@ -58,11 +58,15 @@ def collect_plan(cfg: Config) -> tuple[list[str], list[str]]:
       problems.append(f"backbone {kind}: {e}")
 
   if cfg.generators.use_pretrained_generators:
+    from a2v_jax.generator_checkpoint import scan_rounds
     gdir = Path(cfg.generators.generator_checkpoint_dir) / cfg.generators.generator_checkpoint_base_name
-    if gdir.is_dir():
-      lines.append(f"generators: restored from {gdir}; the AST is never loaded")
+    complete, bad = scan_rounds(cfg.generators)
+    if complete:
+      lines.append(f"generators: round {complete[-1]} restored from {gdir}; the AST is never loaded")
     else:
-      problems.append(f"generators: use_pretrained_generators is set but {gdir} does not exist "
+      where = f"{gdir} holds no complete round ({'; '.join(bad) or 'empty'})" if gdir.is_dir() else \
+          f"{gdir} does not exist"
+      problems.append(f"generators: use_pretrained_generators is set but {where} "
                       "(run Run 1 with use_generator=true first)")
 
   token_shape = None

@@ -17,6 +17,43 @@ class RunDirError(RuntimeError):
   """The run directory holds an earlier run that this one would overwrite."""
 
 
+def train_losses(row: dict[str, Any]) -> tuple[dict[str, dict[str, float]], dict[str, float]]:
+  """(heads' train losses {node: {branch: loss}}, generator losses {node: loss}) of a round row.
+
+  Why separate: ``train/node_i/generator_loss`` (Run 1) is on another scale (standardised features, a
+  VAE/GAN objective); summed into the heads' loss it would hide how the heads train.
+  """
+  heads: dict[str, dict[str, float]] = {}
+  gens: dict[str, float] = {}
+  for k, v in row.items():
+    m = re.match(r"train/(node_\d+)/(\w+)_loss$", k)
+    if not m:
+      continue
+    if m.group(2).startswith("generator"):
+      if m.group(2) == "generator":
+        gens[m.group(1)] = v
+    else:
+      heads.setdefault(m.group(1), {})[m.group(2)] = v
+  return heads, gens
+
+
+def best_by_val(rows: list[dict[str, Any]]) -> Optional[dict[str, Any]]:
+  """The server's evaluated round with the highest mean validation accuracy over branches (latest on ties).
+
+  Why: test numbers are reported at the round a user would have picked without looking at the test
+  split; ``final`` alone penalises runs that peak early and then overfit (centralised training does).
+  """
+  scored = []
+  for r in rows:
+    val = [v for k, v in r.items() if k.startswith("test/server/") and k.endswith("_accuracy_on_val")]
+    if val:
+      scored.append((sum(val) / len(val), r["round"], r))
+  if not scored:
+    return None
+  _, round_, row = max(scored, key=lambda t: (t[0], t[1]))
+  return {"round": round_, **{k: v for k, v in row.items() if k.startswith("test/server/")}}
+
+
 class RunLog:
   """Appends one row per round; rewrites the CSV from the JSONL so columns stay aligned."""
 
@@ -77,22 +114,24 @@ class RunLog:
       m = re.match(r"test/(server|node_\d+)/(\w+)_on_test$", k)
       if m:
         models.setdefault(m.group(1), {})[m.group(2)] = v
-    losses = {}
-    for k, v in row.items():
-      m = re.match(r"train/(node_\d+)/(\w+)_loss$", k)
-      if m:
-        losses.setdefault(m.group(1), {})[m.group(2)] = v
+    losses, gen_losses = train_losses(row)
     if not models:
-      loss_txt = " ".join(f"{n}:{sum(d.values()):.4f}" for n, d in losses.items())
-      print(f"round {row['round']}: train loss {loss_txt}")
+      parts = []
+      if losses:
+        parts.append("train loss " + " ".join(f"{n}:{sum(d.values()):.4f}" for n, d in losses.items()))
+      if gen_losses:
+        parts.append("generator loss " + " ".join(f"{n}:{v:.4f}" for n, v in gen_losses.items()))
+      print(f"round {row['round']}: " + ("; ".join(parts) or "no losses"))
       return
     cols = sorted({c for d in models.values() for c in d if c.endswith(("accuracy", "centred_cosine", "nmse"))})
+    gen_col = f"{'gen loss':>12}" if gen_losses else ""
     lines = [f"round {row['round']} ({row['round_seconds']:.2f} s)  test split",
-             f"  {'model':<8}" + "".join(f"{c:>20}" for c in cols) + f"{'train loss':>12}"]
+             f"  {'model':<8}" + "".join(f"{c:>20}" for c in cols) + f"{'train loss':>12}" + gen_col]
     for name in sorted(models, key=lambda n: (n != "server", int(n.split('_')[1]) if '_' in n else -1)):
       vals = "".join(f"{models[name].get(c, float('nan')):>20.4f}" for c in cols)
       tl = losses.get(name)
-      lines.append(f"  {name:<8}{vals}{(sum(tl.values()) if tl else float('nan')):>12.4f}")
+      gen = f"{gen_losses.get(name, float('nan')):>12.4f}" if gen_losses else ""
+      lines.append(f"  {name:<8}{vals}{(sum(tl.values()) if tl else float('nan')):>12.4f}{gen}")
     print("\n".join(lines))
 
   def finish(self, cfg, extra: Optional[dict] = None) -> dict[str, Any]:
@@ -101,16 +140,23 @@ class RunLog:
     summary = {"run_dir": str(self.run_dir), "rounds": len(self.rows),
                "final": {k: v for k, v in last_eval.items() if k.startswith("test/server/")},
                **(extra or {})}
+    best = best_by_val(self.rows)
+    if best is not None:
+      summary["best_by_val"] = best
     (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     try:
       self.plot(self.run_dir / "plot.png")
     except Exception as e:  # a plot must never lose a finished run
       print(f"warning: plot not written: {e}")
-    if self.verbose:
+    if self.verbose and summary["final"]:
       print("final (server, test split):")
       for k, v in summary["final"].items():
         if k.endswith("_on_test"):
           print(f"  {k.split('/')[-1]:<40} {v:.4f}")
+    if self.verbose and best is not None:
+      accs = " ".join(f"{k.split('/')[-1].replace('_on_test', '')}={v:.4f}" for k, v in best.items()
+                       if k.endswith("accuracy_on_test"))
+      print(f"best round by validation accuracy: {best['round']} (test split: {accs})")
     return summary
 
   def plot(self, path: Path) -> None:
@@ -123,11 +169,13 @@ class RunLog:
       ax1.plot(*zip(*pts), marker="o", label=key.split("/")[-1].replace("_on_test", " (server)"))
     for key in sorted({k for r in self.rows for k in r if re.match(r"train/node_\d+/\w+_loss$", k)}):
       pts = [(r["round"], r[key]) for r in self.rows if key in r]
-      ax2.plot(*zip(*pts), alpha=0.6, label=key.replace("train/", ""))
+      ax2.plot(*zip(*pts), alpha=0.6, linestyle="--" if "/generator" in key else "-",
+               label=key.replace("train/", ""))
     ax1.set(xlabel="round", ylabel="nearest-target accuracy (test)", ylim=(0, 1.02))
     ax2.set(xlabel="round", ylabel="train loss (last local epoch)", yscale="log")
-    ax1.legend(fontsize=7)
-    ax2.legend(fontsize=6, ncol=2)
+    for ax, size in ((ax1, 7), (ax2, 6)):
+      if ax.lines:  # a generator-only run has no accuracy curves
+        ax.legend(fontsize=size, ncol=1 if ax is ax1 else 2)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)

@@ -38,6 +38,7 @@ from a2v_jax.round_outputs import RoundOutputs
 from a2v_jax.federated.local import Shared
 from a2v_jax.models.heads import count_params, make_heads
 from a2v_jax.run_log import RunLog
+from a2v_jax import wandb_sink
 
 
 class TrainingError(RuntimeError):
@@ -206,6 +207,8 @@ def train_and_evaluate(cfg: Config, *, resume: bool = False, verbose: bool = Tru
   if g.use_pretrained_generators:  # Run 2: checkpoint problems surface before the run directory is touched
     prepared, pretrained = start_pretrained(cfg, prepared, verbose)
   log = RunLog(run_dir, resume=resume, verbose=verbose)
+  # wandb mirrors heads runs (generator-only runs log to the run directory only).
+  sink = None if g.generator_only_mode else wandb_sink.open_sink(cfg, run_dir, resume=resume)
   ckpt_lib.write_json_atomic(run_dir / "config.json", cfg.to_dict())
   if verbose:
     print(f"run directory: {run_dir}")
@@ -310,6 +313,8 @@ def train_and_evaluate(cfg: Config, *, resume: bool = False, verbose: bool = Tru
                          server_params=server.params, client_params=clients.params,
                          node_splits=prepared.nodes.nodes, labels=prepared.nodes.clipset.labels))
     log.append(row)
+    if sink is not None:
+      sink.log(row)
     bar.set_postfix_str(log.short(row))
     save = r % cfg.federation.checkpoint_frequency == 0 or r == last
     if run1 is not None:
@@ -332,6 +337,8 @@ def train_and_evaluate(cfg: Config, *, resume: bool = False, verbose: bool = Tru
     if verbose and lay.global_count["test"] == 0:
       print("no real features: nothing to evaluate on (Run 2 trained on synthetic features only)")
   summary = log.finish(cfg, extra=extra)
+  if sink is not None:
+    sink.finish(summary)
   return summary
 
 

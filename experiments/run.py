@@ -29,7 +29,43 @@ def _load(config_lib, path, overrides):
   return config_lib.load(path, overrides)
 
 
+def _startup_errors() -> tuple[type[BaseException], ...]:
+  """The project's errors that mean "this run cannot start (or go on) as configured".
+
+  Each carries a message written for the user (what was found, what was expected), so the CLI prints
+  that message alone instead of a traceback. Anything else is a bug and still raises.
+  """
+  from a2v_jax import config, features, generator_checkpoint, run_log
+  from a2v_jax.backbones.hf import BackboneLoadError
+  from a2v_jax.checkpoint import CheckpointError
+  from a2v_jax.data.audio import AudioError
+  from a2v_jax.data.partition import PartitionError
+  from a2v_jax.data.registry import DatasetError
+  from a2v_jax.federated.generator_runs import GeneratorRunError
+  from a2v_jax.trainer import TrainingError
+  from a2v_jax.wandb_sink import WandbMissingError
+  return (config.ConfigError, DatasetError, PartitionError, AudioError, features.FeatureError, BackboneLoadError,
+          WandbMissingError, CheckpointError, generator_checkpoint.GeneratorCheckpointError, GeneratorRunError,
+          run_log.RunDirError, TrainingError, FileNotFoundError)
+
+
+def _label(e: BaseException) -> str:
+  from a2v_jax.config import ConfigError
+  from a2v_jax.generator_checkpoint import GeneratorCheckpointError
+  if isinstance(e, ConfigError):
+    return "config error"
+  if isinstance(e, GeneratorCheckpointError):
+    return "generator checkpoint error"
+  return f"error ({type(e).__name__})"
+
+
 def main(argv=None) -> int:
+  """Runs the CLI; returns the exit status (0 done, 2 refused or stopped with a stated reason).
+
+  Start-up problems (config, data, backbones, missing / partial / corrupt / mismatched checkpoints, an
+  existing run directory) and a run stopped on purpose (non-finite loss) print one message on stderr
+  and return 2, without a traceback: the message is the whole story. Unexpected exceptions raise.
+  """
   p = argparse.ArgumentParser(description="Federated audio-to-visual training (a2v-jax).")
   p.add_argument("--config", "-c", help="JSON config (ours, or reference-sectioned)")
   p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
@@ -42,16 +78,21 @@ def main(argv=None) -> int:
   from a2v_jax import config as config_lib
   try:
     cfg = _load(config_lib, args.config, args.overrides)
-  except config_lib.ConfigError as e:
-    print(f"config error: {e}", file=sys.stderr)
+    if not args.quiet:
+      print("resolved config:\n" + config_lib.dumps(cfg))
+    if args.dry_run:
+      from a2v_jax.plan import print_plan
+      return print_plan(cfg)
+    from a2v_jax.trainer import train_and_evaluate
+    train_and_evaluate(cfg, resume=args.resume, verbose=not args.quiet)
+  except _startup_errors() as e:
+    sys.stdout.flush()
+    print(f"{_label(e)}: {e}", file=sys.stderr)
     return 2
-  if not args.quiet:
-    print("resolved config:\n" + config_lib.dumps(cfg))
-  if args.dry_run:
-    from a2v_jax.plan import print_plan
-    return print_plan(cfg)
-  from a2v_jax.trainer import train_and_evaluate
-  train_and_evaluate(cfg, resume=args.resume, verbose=not args.quiet)
+  except KeyboardInterrupt:
+    sys.stdout.flush()
+    print("interrupted: the last checkpoint is kept; continue with --resume", file=sys.stderr)
+    return 130
   return 0
 
 

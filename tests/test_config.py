@@ -33,6 +33,9 @@ def test_reference_sections_are_routed(tmp_path):
     ('prompt_template="no placeholder"', "prompt_template"),
     ('adapter_aggregation_mode="kd"', "needs generators"),
     ("use_pretrained_generators=true", None),
+    ("adapter_dropout=0.1", "dropout is not applied"),
+    ("map_latents_init_std=0", "map_latents_init_std"),
+    ('learning_rate_decay="linear"', "choose one of"),
 ])
 def test_bad_values_name_the_key(override, message):
   if message is None:  # valid alone

@@ -48,11 +48,14 @@ def _forbid_ast(monkeypatch):
 
 @pytest.fixture(scope="module")
 def run1(tmp_path_factory):
-  """Run 1 with heads (per-node per-class generators) of 2 rounds on the fake data; Run 2 tests restore it."""
+  """Run 1 with heads (per-node per-class generators) of 2 rounds on the fake data; Run 2 tests restore it.
+
+  One head branch (cogx: t5) halves the heads' compile time; Run 2 tests train both branches.
+  """
   tmp = tmp_path_factory.mktemp("run1")
   prep = synthetic_prepared()
   cfg = _cfg(tmp, "r1", "use_generator=true", "global_rounds=2", "checkpoint_frequency=5",
-             "generator_checkpoint_frequency=1", "eval_gap=0")
+             "generator_checkpoint_frequency=1", "eval_gap=0", 'diffusion_type="cogx"')
   summary = train_and_evaluate(cfg, verbose=False, prepared=prep)
   return dict(tmp=tmp, prep=prep, cfg=cfg, summary=summary)
 
@@ -62,7 +65,7 @@ def test_run1_with_heads_logs_and_checkpoints_generators_with_the_heads(run1):
   rows = _rows(tmp / "r1")
   assert [r["round"] for r in rows] == [1, 2]
   for i in range(3):
-    assert {f"train/node_{i}/{k}" for k in ("clip_loss", "t5_loss", "generator_loss", "generator_recon",
+    assert {f"train/node_{i}/{k}" for k in ("t5_loss", "generator_loss", "generator_recon",
                                              "generator_kl", "generator_cos", "generator_num_samples")} <= set(rows[0])
   # (generator learning itself is tested on toy clusters in test_generators.py; two rounds on this fake
   # data are too noisy to require a lower recon in round 2)
@@ -87,11 +90,30 @@ def test_run1_with_heads_logs_and_checkpoints_generators_with_the_heads(run1):
     train_and_evaluate(_cfg(tmp, "other", *RUN1, "global_rounds=1"), verbose=False, prepared=run1["prep"])
 
 
-def test_generator_only_run1_resumes_like_a_straight_run(tmp_path):
+class _Killed(BaseException):
+  """A kill -9 stand-in: not an Exception, so nothing on the way up may swallow it."""
+
+
+def test_generator_only_run1_resumes_like_a_straight_run(tmp_path, monkeypatch):
+  """Killed while saving round 3 (a half-written temporary round left behind), then --resume."""
   prep = synthetic_prepared()
-  train_and_evaluate(_cfg(tmp_path, "r1", *RUN1, "global_rounds=2"), verbose=False, prepared=prep)
-  # interrupted after round 2 -> resumed to 3 == straight 3 rounds
-  train_and_evaluate(_cfg(tmp_path, "r1", *RUN1, "global_rounds=3"), resume=True, verbose=False, prepared=prep)
+  cfg = _cfg(tmp_path, "r1", *RUN1, "global_rounds=3")
+  save = gc.save_generators
+
+  def killed_while_saving_round_3(g, state, round_num, **kw):
+    if round_num < 3:
+      return save(g, state, round_num, **kw)
+    (gc.checkpoint_root(g) / ".round_00003.tmp-dead" / "state").mkdir(parents=True)  # half-written
+    raise _Killed()
+  monkeypatch.setattr(gc, "save_generators", killed_while_saving_round_3)
+  with pytest.raises(_Killed):
+    train_and_evaluate(cfg, verbose=False, prepared=prep)
+  monkeypatch.setattr(gc, "save_generators", save)
+  assert [r["round"] for r in _rows(tmp_path / "r1")] == [1, 2, 3]  # round 3 logged, its save lost
+  assert gc.latest_round(cfg.generators) == 2
+  # resumed (same config, --resume) == straight 3 rounds
+  train_and_evaluate(cfg, resume=True, verbose=False, prepared=prep)
+  assert gc.scan_rounds(cfg.generators)[0] == [1, 2, 3]
   train_and_evaluate(_cfg(tmp_path, "straight", *RUN1, "global_rounds=3", gens="gens_straight"), verbose=False,
                      prepared=prep)
   gen_keys = lambda rows: [{k: v for k, v in r.items() if k.startswith("train/")} for r in rows]
@@ -135,7 +157,8 @@ def test_run2_trains_heads_on_synthetic_features_with_kd_and_no_ast(run1, tmp_pa
   mgr = ocp.CheckpointManager(tmp_path / "r2" / "state", item_names=("state", "meta"))
   state = mgr.restore(2, args=ocp.args.Composite(state=ocp.args.StandardRestore()))["state"]
   mgr.close()
-  clients, server = state["clients"]["params"], state["server"]["params"]
+  # numpy: slicing / averaging restored jax arrays eagerly would compile one program per leaf shape
+  clients, server = jax.tree.map(np.asarray, (state["clients"]["params"], state["server"]["params"]))
   x, mask = grn.kd_features(gens.state, gens.scale, jax.random.fold_in(grn.run_key(cfg, grn.KD_SALT), 2), 8, 6, 4)
   heads = make_heads(cfg, {b: t.shape[1:] for b, t in prep.targets.items()})
   predict = jax.jit(lambda p, x: heads.apply({"params": p}, x))
@@ -211,6 +234,9 @@ def test_prepare_for_run2_reads_the_run1_cache_and_never_builds_the_ast(tmp_path
   targets = {"clip": np.ones((2, 4), np.float32), "t5": np.ones((2, 3, 6), np.float32)}
   monkeypatch.setattr(features_lib, "text_targets", lambda *a, **k: targets)
   cfg2 = _cfg(tmp_path, "r2", "use_pretrained_generators=true", *common)
+  ast = tmp_path / "no_backbones" / "ast"  # AST weights present: the regular lookup (cache_only) misses first
+  ast.mkdir(parents=True)
+  (ast / "config.json").write_text("{}")
   staged, _ = start_pretrained(cfg2, None, verbose=False)
   n = len(nodes.clipset)
   np.testing.assert_array_equal(staged.features[:n], feats)
@@ -249,3 +275,80 @@ def test_run2_startup_errors_name_found_and_expected(run1, tmp_path):
   assert "round_00002/manifest.json is corrupt" in str(e.value) and "partial round directory" in str(e.value)
   with pytest.raises(ConfigError, match="--resume"):
     config.load(None, ["use_pretrained_generators=true", "generator_training_mode=true", "use_generator=true"])
+
+
+def test_run2_refuses_checkpoints_of_other_class_names(run1, tmp_path):
+  shutil.copytree(run1["tmp"] / "gens", tmp_path / "gens")
+  prep = run1["prep"]
+  cs = prep.nodes.clipset
+  renamed = dataclasses.replace(prep, nodes=dataclasses.replace(
+      prep.nodes, clipset=dataclasses.replace(cs, class_names=("c0", "c1", "c3", "c2"))))
+  found, expected = r"\['c0', 'c1', 'c2', 'c3'\]", r"\['c0', 'c1', 'c3', 'c2'\]"
+  with pytest.raises(gc.GeneratorCheckpointError, match=f"class_names: checkpoint has {found}, expected {expected}"):
+    train_and_evaluate(_cfg(tmp_path, "r2", "use_pretrained_generators=true"), verbose=False, prepared=renamed)
+  assert not (tmp_path / "r2").exists()
+
+
+def test_cli_start_up_errors_exit_2_with_one_message(tmp_path, capsys, monkeypatch):
+  """Run 2 on an empty checkpoint directory: exit status 2, what was expected on stderr, no traceback."""
+  from experiments import run as cli
+  (tmp_path / "gens" / "fsdd_vae").mkdir(parents=True)
+  config_file = Path(__file__).parents[1] / "experiments" / "configs" / "fsdd_run2_from_generators.json"
+  argv = ["--config", str(config_file), "--quiet",
+          "--set", f'experiment.output_dir="{tmp_path}/runs"', "--set", f'generator_checkpoint_dir="{tmp_path}/gens"',
+          "--set", 'generator_checkpoint_base_name="fsdd_vae"']
+  assert cli.main(argv) == 2
+  err = capsys.readouterr().err
+  assert err.startswith("generator checkpoint error: no complete round under ") and "Traceback" not in err
+  assert "nothing (an empty directory)" in err and "Expected round_NNNNN/ directories" in err
+  assert "granularity='per_class'" in err and "classes=['zero', 'one', 'two'" in err
+  assert not (tmp_path / "runs").exists()
+  # a config error: same status, labelled as such
+  assert cli.main(["--quiet", "--set", "use_pretrained_generators=true", "--set", "generator_only_mode=true"]) == 2
+  assert capsys.readouterr().err.startswith("config error: ")
+  # anything unexpected is a bug and keeps its traceback
+  def bug(*a, **k):
+    raise ZeroDivisionError("a bug")
+  monkeypatch.setattr("a2v_jax.trainer.train_and_evaluate", bug)
+  with pytest.raises(ZeroDivisionError):
+    cli.main(["--quiet", "--set", f'output_dir="{tmp_path}/runs"'])
+
+
+def test_printed_train_loss_excludes_generator_metrics(tmp_path, capsys):
+  from a2v_jax.run_log import RunLog
+  log = RunLog(tmp_path / "run", resume=False, verbose=True)
+  common = {"train/node_0/clip_loss": 0.25, "train/node_0/t5_loss": 0.5, "train/node_0/generator_loss": 40.0,
+            "train/node_0/generator_recon": 30.0, "train/node_0/generator_num_samples": 12}
+  log.append({"round": 1, "round_seconds": 1.0, **common})
+  assert capsys.readouterr().out.strip() == "round 1: train loss node_0:0.7500; generator loss node_0:40.0000"
+  log.append({"round": 2, "round_seconds": 1.0, **common, "test/server/clip_accuracy_on_test": 0.5,
+              "test/node_0/clip_accuracy_on_test": 0.25})
+  lines = capsys.readouterr().out.splitlines()
+  assert lines[1].split()[-4:] == ["train", "loss", "gen", "loss"]
+  node = next(l for l in lines if l.strip().startswith("node_0")).split()
+  assert node[1:] == ["0.2500", "0.7500", "40.0000"]  # accuracy, heads' loss, generator loss
+  log.append({"round": 3, "round_seconds": 1.0, "train/node_0/generator_loss": 2.0})  # generator-only run
+  assert capsys.readouterr().out.strip() == "round 3: generator loss node_0:2.0000"
+
+
+def test_ast_features_cache_only_reads_the_cache_or_names_the_missing_one(tmp_path, monkeypatch):
+  _forbid_ast(monkeypatch)
+  from a2v_jax.data.registry import read_dataset
+  cfg = config.load(None, [f'cache_dir="{tmp_path}/cache"', 'selected_classes=["zero"]'])
+  clipset = read_dataset(cfg.data)
+  ast = tmp_path / "ast"
+  ast.mkdir()
+  (ast / "config.json").write_text("{}")
+  get = lambda: features_lib.ast_features(cfg, clipset, ast_dir=ast, verbose=False, cache_only=True)
+  with pytest.raises(features_lib.FeatureCacheMiss, match="cache_only forbids constructing the AST") as e:
+    get()
+  path = e.value.path
+  assert str(path) in str(e.value) and path.parent == tmp_path / "cache" and not path.exists()
+  feats = np.random.default_rng(0).normal(size=(len(clipset), 3, 4)).astype(np.float32)
+  path.mkdir(parents=True)
+  np.save(path / "features.npy", feats)
+  (path / "manifest.json").write_text("{}")
+  np.testing.assert_array_equal(get(), feats)
+  (ast / "config.json").write_text('{"hidden_size": 8}')  # other AST weights: another key, a miss again
+  with pytest.raises(features_lib.FeatureCacheMiss):
+    get()

@@ -4,7 +4,7 @@
   init(rng, num_clients) -> (ServerState, ClientState)
   round(server, clients, round_data, shared) -> (server, clients, metrics)
 ``round`` is jitted once per configuration: every client's local training is one vmapped call
-(optionally in chunks of ``client_chunk_size`` clients via ``lax.map``), then FedAvg is a weighted
+(optionally ``client_chunk_size`` clients at a time, in place: ``train_in_chunks``), then FedAvg is a weighted
 mean over the client axis followed by the server optimiser step. The client axis can be sharded
 over a ``Mesh`` axis named ``'clients'`` (see ``sharding.py``); the code does not change.
 """
@@ -78,10 +78,10 @@ def fed_a2v(cfg: Config, apply_fn: Callable, init_fn: Callable, *, steps: int,
     return server, ClientState(params=client_params, opt_state=client_opt, rng=rngs)
 
   def train_all(clients: ClientState, data: RoundData, epoch0, shared: Shared):
-    fn = lambda c, i, n: local_train(c, i, n, epoch0, shared)
+    fn = jax.vmap(lambda c, i, n: local_train(c, i, n, epoch0, shared))
     if chunk is None or chunk >= num_clients:
-      return jax.vmap(fn)(clients, data.idx, data.count)
-    return jax.lax.map(lambda args: fn(*args), (clients, data.idx, data.count), batch_size=chunk)
+      return fn(clients, data.idx, data.count)
+    return train_in_chunks(fn, clients, data, chunk)
 
   def round_fn(server: ServerState, clients: ClientState, data: RoundData, shared: Shared):
     chex.assert_axis_dimension(data.idx, 0, num_clients)
@@ -97,8 +97,15 @@ def fed_a2v(cfg: Config, apply_fn: Callable, init_fn: Callable, *, steps: int,
       global_params = aggregate.broadcast(server.params, num_clients)
       clients = clients.replace(params=aggregate.select(participate, global_params, clients.params))
     epoch0 = server.round * cfg.train.local_epochs
-    trained, metrics = train_all(clients, data, epoch0, shared)
-    clients = jax.tree.map(lambda n, o: aggregate.select(participate, n, o), trained, clients)
+    # A non-participant trains on zero rows: every step of it is a no-op (local.py's has-data guard), so
+    # its params and optimiser state come out bit-identical and no C-wide select of the trained state
+    # against the old one is needed. Why it matters: that select kept the old state alive past the
+    # local-training loop, so XLA copied every optimiser moment into the loop instead of updating the
+    # donated buffers in place (measured: select + copies were ~30 % of a 1000-client round).
+    # Only the keys advance regardless; the non-participants' old keys are kept.
+    old_rng = clients.rng
+    trained, metrics = train_all(clients, data._replace(count=data.count * participate), epoch0, shared)
+    clients = trained.replace(rng=aggregate.select(participate, trained.rng, old_rng))
     weights = aggregate.client_weights(mode, data.count, participate)
     mean = aggregate.weighted_mean(clients.params, weights)
     if mode in BROADCAST_MODES:
@@ -112,6 +119,43 @@ def fed_a2v(cfg: Config, apply_fn: Callable, init_fn: Callable, *, steps: int,
     return server, clients, metrics
 
   return Algorithm(init=init, round=round_fn, local_train=local_train)
+
+
+def train_in_chunks(fn: Callable, clients: ClientState, data: RoundData,
+                    chunk: int) -> tuple[ClientState, dict[str, Any]]:
+  """``fn`` (vmapped local training) over ``chunk`` clients at a time, updating the state in place.
+
+  Why not ``lax.map``: its stacked outputs are a second C-client copy of the state beside the
+  donated input. Here a ``fori_loop`` slices a chunk out of the carried state and writes the
+  trained chunk back with ``dynamic_update_slice``, which XLA performs in place on the loop
+  carry, so only one C-client state (plus one chunk's working set) is live.
+
+  C need not be a multiple of ``chunk``: the last chunk is shifted back to end at C, and the
+  clients it shares with the previous chunk train on zero rows there (an exact no-op for their
+  params and optimiser state, see local.py); their keys and metrics are kept from the first pass.
+  One program serves every chunk, so compile time does not depend on C.
+  """
+  num_clients = data.count.shape[0]
+  n_chunks = -(-num_clients // chunk)
+  take = lambda x, start: jax.lax.dynamic_slice_in_dim(x, start, chunk)
+  put = lambda buf, x, start: jax.lax.dynamic_update_slice_in_dim(buf, x, start, 0)
+  first = jax.tree.map(lambda x: take(x, 0), clients)
+  metric_shapes = jax.eval_shape(fn, first, take(data.idx, 0), take(data.count, 0))[1]
+  metrics0 = jax.tree.map(lambda m: jnp.zeros((num_clients,) + m.shape[1:], m.dtype), metric_shapes)
+
+  def body(i, carry):
+    state, metrics = carry
+    start = jnp.minimum(i * chunk, num_clients - chunk)
+    fresh = start + jnp.arange(chunk) >= i * chunk  # False: already trained by the previous chunk
+    part = jax.tree.map(lambda x: take(x, start), state)
+    new, m = fn(part, take(data.idx, start), jnp.where(fresh, take(data.count, start), 0))
+    new = new.replace(rng=aggregate.select(fresh, new.rng, part.rng))
+    old_m = jax.tree.map(lambda x: take(x, start), metrics)
+    m = aggregate.select(fresh, m, old_m)
+    return (jax.tree.map(lambda b, x: put(b, x, start), state, new),
+            jax.tree.map(lambda b, x: put(b, x, start), metrics, m))
+
+  return jax.lax.fori_loop(0, n_chunks, body, (clients, metrics0))
 
 
 def jit_round(alg: Algorithm, sharding: Optional[Any] = None) -> Callable:

@@ -16,9 +16,9 @@ with a generator per node and class, so the FSDD config turns sharing off).
 Run 2 (``use_pretrained_generators``): the generators of the latest complete round are restored before
 anything else, and every disagreement (missing / partial / corrupt directory, other classes, shapes,
 nodes or data split) stops the run at start-up. The AST is never constructed: real features come from
-the feature cache when one exists for these clips (a cache hit reads a ``.npy``; on a miss the loader
-hook refuses instead of building the AST), or from the cache Run 1 recorded (when the AST weights are
-not on this machine). Without any cache the nodes train on synthetic features only and no real
+the feature cache when one exists for these clips (``ast_features(..., cache_only=True)``: a hit reads
+a ``.npy``, a miss raises instead of building the AST), or from the cache Run 1 recorded (when the AST
+weights are not on this machine). Without any cache the nodes train on synthetic features only and no real
 evaluation is possible (said at start-up). Synthetic features: ``synthetic_samples_per_class`` per node
 and class (``'auto'`` = node train rows // classes it holds), drawn from z ~ N(0, I) at start-up and
 again before every later round (``synthetic_resample_each_round``; same rows, labels and shapes, new
@@ -293,14 +293,6 @@ def restore_pretrained(cfg: Config, nodes: NodeData, *, feature_dim: Optional[in
   return state, rnd, extra
 
 
-class _NoCache(Exception):
-  """Raised by the loader hook instead of constructing the AST on a cache miss."""
-
-
-def _refuse_ast(*args, **kwargs):
-  raise _NoCache()
-
-
 def _cache_matches(cfg: Config, clipset: ClipSet, cache: Path) -> bool:
   fe = cfg.features
   try:
@@ -317,8 +309,8 @@ def cached_features(cfg: Config, clipset: ClipSet, *, hint: Optional[str] = None
                     verbose: bool = True) -> Optional[np.ndarray]:
   """Real AST features from the cache, or None; never constructs the AST.
 
-  First the regular cache lookup (its key hashes the AST weights, so this needs the AST directory; on a
-  miss the loader hook raises instead of loading); then ``hint``, the cache Run 1 recorded, accepted if
+  First the regular cache lookup with ``cache_only`` (its key hashes the AST weights, so this needs the AST
+  directory; a miss raises instead of loading); then ``hint``, the cache Run 1 recorded, accepted if
   its manifest lists exactly these clips (ids and bytes) and feature settings.
   """
   from a2v_jax.backbones.paths import backbone_dir
@@ -328,9 +320,10 @@ def cached_features(cfg: Config, clipset: ClipSet, *, hint: Optional[str] = None
     ast_dir = None
   if ast_dir is not None and ast_dir.is_dir():
     try:
-      return features_lib.ast_features(cfg, clipset, ast_dir=ast_dir, verbose=verbose, _loader=_refuse_ast)
-    except _NoCache:
-      pass
+      return features_lib.ast_features(cfg, clipset, ast_dir=ast_dir, verbose=verbose, cache_only=True)
+    except features_lib.FeatureCacheMiss as e:
+      if verbose:
+        print(f"AST features: {e}")
   if hint and _cache_matches(cfg, clipset, Path(hint)):
     if verbose:
       print(f"AST features: the cache Run 1 recorded, {hint}")

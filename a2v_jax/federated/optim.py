@@ -45,6 +45,8 @@ def branch_schedules(cfg: Config) -> dict[str, Callable[[jax.Array], jax.Array]]
         out[b] = cosine_warm_restarts(lr, t.local_epochs * f.global_rounds // 10)
       else:
         out[b] = cosine_annealing(lr, f.global_rounds)
+    elif t.learning_rate_decay == "cosine":
+      out[b] = cosine_annealing(lr, f.global_rounds * t.local_epochs, eta_min=0.0)
     else:
       out[b] = lambda epoch, lr=lr: jnp.asarray(lr, jnp.float32)
   return out
@@ -76,6 +78,11 @@ def server_optimizer(cfg: Config) -> optax.GradientTransformation:
     Hsu et al. 2019, "Measuring the Effects of Non-Identical Data Distribution" (FedAvgM).
   """
   f = cfg.federation
+  if f.adapter_aggregation_mode == "centralised":
+    # One node holds all the data: its model is the model. A server step on its own round delta would
+    # only add heavy-ball momentum across rounds to a single optimiser, so "only the mode changed"
+    # comparisons against FedAvgM/FedAdam configs stay meaningful.
+    return optax.sgd(1.0)
   if f.server_optimizer == "adam":
     return optax.adam(f.server_learning_rate, b1=f.server_momentum or 0.9, eps=1e-8)
   return optax.sgd(f.server_learning_rate, momentum=f.server_momentum or None)

@@ -62,6 +62,7 @@ class MAPBlock(nn.Module):
   n_heads: int
   mlp_ratio: int = 4
   dtype: jnp.dtype = jnp.float32
+  latents_init_std: float = 0.02
 
   @nn.compact
   def __call__(self, x: jax.Array, mask: Optional[jax.Array] = None) -> jax.Array:
@@ -70,7 +71,7 @@ class MAPBlock(nn.Module):
       raise ValueError(f"MAPBlock embed_dim {d} is not divisible by n_heads {h}")
     b = x.shape[0]
     x = nn.Dense(d, dtype=self.dtype, name="projection")(x)
-    latents = self.param("latents", nn.initializers.normal(0.02), (k, d), jnp.float32)
+    latents = self.param("latents", nn.initializers.normal(self.latents_init_std), (k, d), jnp.float32)
     latents = jnp.broadcast_to(latents.astype(self.dtype), (b, k, d))
     q = nn.Dense(d, use_bias=False, dtype=self.dtype, name="q")(latents)
     kv = nn.Dense(2 * d, use_bias=False, dtype=self.dtype, name="kv")(x)
@@ -95,12 +96,13 @@ class Branch(nn.Module):
   n_heads: int
   mlp_ratio: int
   dtype: jnp.dtype = jnp.float32
+  latents_init_std: float = 0.02
 
   @nn.compact
   def __call__(self, tokens: jax.Array, mask: Optional[jax.Array] = None) -> jax.Array:
     x = Adapter(self.hidden, self.out_dim, self.dtype, name="adapter")(tokens)
     return MAPBlock(self.n_latents, self.out_dim, self.n_heads, self.mlp_ratio, self.dtype,
-                    name="projection")(x, mask)
+                    self.latents_init_std, name="projection")(x, mask)
 
 
 class A2VHeads(nn.Module):
@@ -110,6 +112,7 @@ class A2VHeads(nn.Module):
   n_heads: int
   mlp_ratio: int
   dtype: jnp.dtype = jnp.float32
+  latents_init_std: float = 0.02
 
   @nn.compact
   def __call__(self, tokens: jax.Array, mask: Optional[jax.Array] = None) -> dict[str, jax.Array]:
@@ -118,7 +121,7 @@ class A2VHeads(nn.Module):
     for name, shape in self.branch_shapes.items():
       k = 1 if len(shape) == 1 else shape[0]
       out[name] = Branch(tuple(self.hidden[name]), shape[-1], k, self.n_heads, self.mlp_ratio,
-                         self.dtype, name=name)(tokens, mask)
+                         self.dtype, self.latents_init_std, name=name)(tokens, mask)
     return out
 
 
@@ -139,7 +142,8 @@ def make_heads(cfg: Config, target_shapes: Mapping[str, tuple[int, ...]]) -> A2V
       raise ValueError(f"target of branch '{b}' must be (D,) or (K, D), got {s}")
   hidden = {"clip": cfg.heads.clip_adapter_hidden, "t5": cfg.heads.t5_adapter_hidden}
   dtype = jnp.bfloat16 if cfg.experiment.param_dtype == "bfloat16" else jnp.float32
-  return A2VHeads(shapes, hidden, cfg.heads.map_heads, cfg.heads.map_mlp_ratio, dtype)
+  return A2VHeads(shapes, hidden, cfg.heads.map_heads, cfg.heads.map_mlp_ratio, dtype,
+                  cfg.heads.map_latents_init_std)
 
 
 def count_params(module: nn.Module, token_shape: tuple[int, int]) -> dict[str, int]:
