@@ -78,14 +78,24 @@ def make_local_train(cfg: Config, apply_fn: Callable, tx: optax.GradientTransfor
         labels = jnp.broadcast_to(labels[0], labels.shape)
       x = shared.features[rows]
       y = {b: t[labels] for b, t in shared.targets.items()}
-      (_, losses), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, x, y, bmask)
-      updates, new_opt = tx.update(grads, opt_state, params)
-      updates = optim.scale_by_branch_lr(updates, epoch, schedules)
-      new_params = optax.apply_updates(params, updates)
+
+      def train(state):
+        params, opt_state = state
+        (_, losses), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, x, y, bmask)
+        updates, new_opt = tx.update(grads, opt_state, params)
+        updates = optim.scale_by_branch_lr(updates, epoch, schedules)
+        return (optax.apply_updates(params, updates), new_opt), losses
+
+      def skip(state):
+        losses = jax.eval_shape(train, state)[1]  # the branches the heads have (maybe fewer than targets)
+        return state, jax.tree.map(lambda l: jnp.zeros(l.shape, l.dtype), losses)
+
+      # A step without rows (padding of a smaller client, a non-participant) leaves the state exactly
+      # as it was. Unbatched, cond skips the work and the extra pass over params and moments; under
+      # vmap it lowers to the same select as before.
       has_data = bmask.sum() > 0
-      keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(has_data, n, o), new, old)
-      carry = (keep(new_params, params), keep(new_opt, opt_state), order, epoch)
-      return carry, ({b: l * has_data for b, l in losses.items()}, has_data)
+      (params, opt_state), losses = jax.lax.cond(has_data, train, skip, (params, opt_state))
+      return (params, opt_state, order, epoch), (losses, has_data)
 
     def one_epoch(carry, e):
       params, opt_state, rng = carry
