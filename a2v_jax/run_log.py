@@ -29,11 +29,11 @@ def train_losses(row: dict[str, Any]) -> tuple[dict[str, dict[str, float]], dict
     m = re.match(r"train/(node_\d+)/(\w+)_loss$", k)
     if not m:
       continue
-    if m.group(2).startswith("generator"):
-      if m.group(2) == "generator":
-        gens[m.group(1)] = v
-    else:
-      heads.setdefault(m.group(1), {})[m.group(2)] = v
+    node, name = m.groups()
+    if name == "generator":
+      gens[node] = v
+    elif not name.startswith("generator"):  # other generator_* terms go in neither
+      heads.setdefault(node, {})[name] = v
   return heads, gens
 
 

@@ -36,7 +36,10 @@ class WandbSink:
 
 
 def open_sink(cfg, run_dir: Path, *, resume: bool) -> Optional[WandbSink]:
-  """A sink when the config asks for wandb, else None; resumes the same wandb run id on ``--resume``."""
+  """A sink when the config asks for wandb, else None; resumes the same wandb run id on ``--resume``.
+
+  ``run_dir`` must exist (``RunLog`` creates it); wandb writes its offline run under it.
+  """
   if not cfg.experiment.wandb:
     return None
   try:
@@ -45,7 +48,6 @@ def open_sink(cfg, run_dir: Path, *, resume: bool) -> Optional[WandbSink]:
     raise WandbMissingError(
         "wandb: true, but the wandb package is not installed; `pip install wandb` (or set wandb: false: "
         "metrics.jsonl / metrics.csv in the run directory hold the same numbers)") from e
-  run_dir.mkdir(parents=True, exist_ok=True)
   run = wandb.init(project="a2v-jax", name=cfg.experiment.name, id=f"{cfg.experiment.name}-{cfg.hash()[:8]}",
                    dir=str(run_dir), config=cfg.to_dict(), mode=os.environ.get("WANDB_MODE", "offline"),
                    resume="allow" if resume else None)
