@@ -55,17 +55,24 @@ def best_by_val(rows: list[dict[str, Any]]) -> Optional[dict[str, Any]]:
 
 
 class RunLog:
-  """Appends one row per round; rewrites the CSV from the JSONL so columns stay aligned."""
+  """Appends one row per round; rewrites the CSV from the JSONL so columns stay aligned.
 
-  def __init__(self, run_dir: Path, *, resume: bool, verbose: bool = True):
+  ``write=False`` (the processes other than 0 of a multi-process run) keeps the rows in memory only:
+  such a process makes the same refusal as process 0 and returns the same summary, and process 0
+  alone writes the run directory, so there is one set of files.
+  """
+
+  def __init__(self, run_dir: Path, *, resume: bool, verbose: bool = True, write: bool = True):
     self.run_dir = Path(run_dir)
     self.jsonl = self.run_dir / "metrics.jsonl"
     self.verbose = verbose
+    self.write = write
     if self.jsonl.exists() and not resume:
       raise RunDirError(
           f"run directory {self.run_dir} already holds a run (metrics.jsonl); pass --resume to "
           "continue it, or choose another experiment name (--set name=...) so nothing is overwritten")
-    self.run_dir.mkdir(parents=True, exist_ok=True)
+    if write:
+      self.run_dir.mkdir(parents=True, exist_ok=True)
     self.rows: list[dict[str, Any]] = []
     if self.jsonl.exists():
       self.rows = [json.loads(l) for l in self.jsonl.read_text().splitlines() if l.strip()]
@@ -74,7 +81,8 @@ class RunLog:
   def truncate_after(self, round_: int) -> None:
     """Drops rows of rounds after the restored checkpoint (they will be recomputed)."""
     self.rows = [r for r in self.rows if r["round"] <= round_]
-    self._rewrite()
+    if self.write:
+      self._rewrite()
 
   def _rewrite(self) -> None:
     tmp = self.jsonl.with_suffix(".jsonl.tmp")
@@ -95,9 +103,10 @@ class RunLog:
 
   def append(self, row: dict[str, Any]) -> None:
     self.rows.append(row)
-    with open(self.jsonl, "a") as f:
-      f.write(json.dumps(row) + "\n")
-    self._write_csv()
+    if self.write:
+      with open(self.jsonl, "a") as f:
+        f.write(json.dumps(row) + "\n")
+      self._write_csv()
     if self.verbose:
       self._print(row)
 
@@ -143,6 +152,8 @@ class RunLog:
     best = best_by_val(self.rows)
     if best is not None:
       summary["best_by_val"] = best
+    if not self.write:
+      return summary
     (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     try:
       self.plot(self.run_dir / "plot.png")

@@ -30,7 +30,7 @@ from a2v_jax import config as config_lib
 from a2v_jax import features as features_lib
 from a2v_jax.config import Config
 from a2v_jax import generator_checkpoint as gen_ckpt
-from a2v_jax.federated import engine, generator_runs, sharding
+from a2v_jax.federated import distributed, engine, generator_runs, sharding
 from a2v_jax.federated import kd as kd_lib
 from a2v_jax.federated.evaluate import make_evaluator, pad_indices
 from a2v_jax.federated.evaluate import predict as predict_rows
@@ -198,21 +198,63 @@ def run_dir_for(cfg: Config) -> Path:
   return Path(cfg.experiment.output_dir) / cfg.experiment.name
 
 
+# How long the other processes of a multi-process run wait for process 0 to fill the feature caches.
+PREPARE_TIMEOUT_S = 6 * 3600
+
+
+def check_multiprocess(cfg: Config) -> None:
+  """Refuses, on every process alike (so none is left waiting in a collective), what a multi-process
+  run does not support yet: the generator stages and KD train and checkpoint on one host."""
+  g = cfg.generators
+  unsupported = [name for name, on in (("use_generator", g.use_generator),
+                                       ("use_pretrained_generators", g.use_pretrained_generators),
+                                       ("generator_only_mode", g.generator_only_mode),
+                                       ("adapter_aggregation_mode 'kd'",
+                                        cfg.federation.adapter_aggregation_mode == "kd")) if on]
+  if unsupported:
+    raise TrainingError(f"{', '.join(unsupported)}: not supported in a multi-process run yet "
+                        f"({jax.process_count()} processes); run this config in one process (no --coordinator)")
+
+
+def prepare_in_turn(cfg: Config, verbose: bool = True) -> Prepared:
+  """``prepare`` on every process, process 0 first.
+
+  Why in turn: processes that fill one feature or target cache (or write the tiny backbones) at the
+  same time race on its final rename. Process 0 fills the caches while the others wait at a barrier;
+  they then read them (on a filesystem the processes share; otherwise each host prepares its own).
+  """
+  if jax.process_count() == 1:
+    return prepare(cfg, verbose)
+  prepared = prepare(cfg, verbose) if jax.process_index() == 0 else None
+  distributed.barrier("a2v_prepare", PREPARE_TIMEOUT_S)
+  return prepared if prepared is not None else prepare(cfg, verbose=False)
+
+
 def train_and_evaluate(cfg: Config, *, resume: bool = False, verbose: bool = True,
                        prepared: Optional[Prepared] = None) -> dict[str, Any]:
-  """Runs (or resumes) the federated experiment described by ``cfg``; returns the final summary."""
+  """Runs (or resumes) the federated experiment described by ``cfg``; returns the final summary.
+
+  Across processes (after ``distributed.initialize``) every process calls this with the same config:
+  each feeds the clients its devices hold, all take part in the rounds, evaluations and orbax's
+  checkpoint saves and restores, and process 0 alone writes the run directory and prints.
+  """
   run_dir = run_dir_for(cfg)
   g = cfg.generators
+  primary = jax.process_index() == 0
+  verbose = verbose and primary
+  if jax.process_count() > 1:
+    check_multiprocess(cfg)
   pretrained = None
   if g.use_pretrained_generators:  # Run 2: checkpoint problems surface before the run directory is touched
     prepared, pretrained = start_pretrained(cfg, prepared, verbose)
-  log = RunLog(run_dir, resume=resume, verbose=verbose)
+  log = RunLog(run_dir, resume=resume, verbose=verbose, write=primary)
   # wandb mirrors heads runs (generator-only runs log to the run directory only).
-  sink = None if g.generator_only_mode else wandb_sink.open_sink(cfg, run_dir, resume=resume)
-  ckpt_lib.write_json_atomic(run_dir / "config.json", cfg.to_dict())
+  sink = None if g.generator_only_mode or not primary else wandb_sink.open_sink(cfg, run_dir, resume=resume)
+  if primary:
+    ckpt_lib.write_json_atomic(run_dir / "config.json", cfg.to_dict())
   if verbose:
     print(f"run directory: {run_dir}")
-  prepared = prepared or prepare(cfg, verbose)
+  prepared = prepared or prepare_in_turn(cfg, verbose)
   if g.generator_only_mode:
     return generator_runs.train_generators_only(cfg, prepared, log, resume=resume, verbose=verbose)
   mesh = sharding.client_mesh()
@@ -228,6 +270,7 @@ def train_and_evaluate(cfg: Config, *, resume: bool = False, verbose: bool = Tru
   apply_fn = lambda p, x: heads.apply({"params": p}, x.astype(jnp.float32))
   init_fn = lambda k: heads.init(k, jnp.zeros((1,) + tuple(token_shape)))["params"]
   num_clients = lay.train_idx.shape[0]
+  place = distributed.Placement(mesh, num_clients)
   alg = engine.fed_a2v(cfg, apply_fn, init_fn, steps=lay.steps, num_clients=num_clients)
   round_fn = engine.jit_round(alg)
   evaluate = make_evaluator(apply_fn, cfg.train.batch_size)
@@ -235,13 +278,13 @@ def train_and_evaluate(cfg: Config, *, resume: bool = False, verbose: bool = Tru
   eval_global = jax.jit(evaluate)
   eval_nodes_global = jax.jit(jax.vmap(evaluate, in_axes=(0, None, None, None)))
 
-  shared = sharding.replicate(Shared(jnp.asarray(prepared.features), jnp.asarray(prepared.nodes.clipset.labels),
-                                     {b: jnp.asarray(t) for b, t in prepared.targets.items()}), mesh)
-  data = engine.RoundData(sharding.shard_clients(jnp.asarray(lay.train_idx), mesh),
-                          sharding.shard_clients(jnp.asarray(lay.train_count), mesh))
+  host_shared = Shared(prepared.features, prepared.nodes.clipset.labels, dict(prepared.targets))
+  shared = place.replicated(host_shared)
+  data = engine.RoundData(*place.clients((lay.train_idx, lay.train_count)))
+  # Every process computes the whole init on its own devices (the same values) and keeps its clients.
   server, clients = init_state(alg, jax.random.PRNGKey(cfg.experiment.seed))
-  clients = sharding.shard_clients(clients, mesh)
-  server = sharding.replicate(server, mesh)
+  clients = place.clients(clients)
+  server = place.replicated(server)
   checkpointer = ckpt_lib.RoundCheckpointer(run_dir / "state", cfg.federation.max_to_keep)
   # Embedding checkpoints and in-training renders (round_outputs.py); `shared` is an argument so the
   # features are not baked into the program as a constant.
@@ -285,7 +328,7 @@ def train_and_evaluate(cfg: Config, *, resume: bool = False, verbose: bool = Tru
           cfg, pretrained.state, pretrained.scale, pretrained.counts, pretrained.length, r)
       shared = sharding.replicate(shared._replace(features=jnp.asarray(host_features)), mesh)
     server, clients, m = round_fn(server, clients, data, shared)
-    m = jax.device_get(m)
+    m = place.host(m)
     _check_finite(m, r, lay.num_real_clients)
     extra_row: dict[str, Any] = {}
     if run1 is not None:
@@ -307,11 +350,16 @@ def train_and_evaluate(cfg: Config, *, resume: bool = False, verbose: bool = Tru
     row.update(extra_row)
     if cfg.federation.eval_gap and (r % cfg.federation.eval_gap == 0 or r == last):
       row.update(_evaluate_round(cfg, lay, server, clients, shared, eval_nodes, eval_global,
-                                 eval_nodes_global, mode))
+                                 eval_nodes_global, mode, place))
     if outputs.wants(r):
-      row.update(outputs(r, predict_fn=lambda p, idx: predict_jit(p, idx, shared),
-                         server_params=server.params, client_params=clients.params,
-                         node_splits=prepared.nodes.nodes, labels=prepared.nodes.clipset.labels))
+      out_server, out_clients, out_shared = server.params, clients.params, shared
+      if place.multi:  # every process gathers (a collective); process 0 predicts on its own devices
+        out_server, out_clients = place.host((server.params, clients.params))
+        out_shared = jax.tree.map(jnp.asarray, host_shared) if primary else None
+      if primary:
+        row.update(outputs(r, predict_fn=lambda p, idx: predict_jit(p, idx, out_shared),
+                           server_params=out_server, client_params=out_clients,
+                           node_splits=prepared.nodes.nodes, labels=prepared.nodes.clipset.labels))
     log.append(row)
     if sink is not None:
       sink.log(row)
@@ -331,6 +379,8 @@ def train_and_evaluate(cfg: Config, *, resume: bool = False, verbose: bool = Tru
       "params_per_node": sum(counts.values())}
   if run1 is not None:
     extra["generator_checkpoints"] = str(gen_ckpt.checkpoint_root(g))
+  if place.multi:
+    extra["processes"] = jax.process_count()
   if pretrained is not None:
     extra.update(generator_round=pretrained.round, real_evaluation=lay.global_count["test"] > 0,
                  **{k.split("/")[-1]: v for k, v in pretrained.server_row.items()})
@@ -370,23 +420,23 @@ def kd_round(cfg: Config, kd: kd_lib.KD, server, clients, gens: tuple[Any, Any],
 
 
 def _evaluate_round(cfg, lay: Layout, server, clients, shared, eval_nodes, eval_global,
-                    eval_nodes_global, mode: str) -> dict[str, float]:
+                    eval_nodes_global, mode: str, place: distributed.Placement) -> dict[str, float]:
   """Server model on the union of nodes' splits, each node on its own splits."""
   row = {}
   real = lay.num_real_clients
   for split in ("val", "test"):
     if lay.global_count[split] == 0:
       continue
-    gi, gc = jnp.asarray(lay.global_idx[split]), lay.global_count[split]
+    gi, gc = place.inputs(lay.global_idx[split], clients=False), lay.global_count[split]
     if mode == "none":  # no global model: each local model on everyone's data, averaged
-      per_node = jax.device_get(eval_nodes_global(clients.params, gi, gc, shared))
+      per_node = place.host(eval_nodes_global(clients.params, gi, gc, shared))
       server_m = {k: float(np.mean(v[:real])) for k, v in per_node.items()}
     else:
-      server_m = {k: float(v) for k, v in jax.device_get(eval_global(server.params, gi, gc, shared)).items()}
+      server_m = {k: float(v) for k, v in place.host(eval_global(server.params, gi, gc, shared)).items()}
     for k, v in server_m.items():
       row[f"test/server/{k}_on_{split}"] = v
-    node_m = jax.device_get(eval_nodes(clients.params, jnp.asarray(lay.eval_idx[split]),
-                                       jnp.asarray(lay.eval_count[split]), shared))
+    node_m = place.host(eval_nodes(clients.params, place.inputs(lay.eval_idx[split], clients=True),
+                                   place.inputs(lay.eval_count[split], clients=True), shared))
     for k, v in node_m.items():
       for i in range(real):
         if lay.eval_count[split][i] > 0:

@@ -1,4 +1,9 @@
-"""python -m experiments.run --config experiments/configs/fsdd_tiny.json [--set k=v ...] [--resume] [--dry-run]"""
+"""python -m experiments.run --config experiments/configs/fsdd_tiny.json [--set k=v ...] [--resume] [--dry-run]
+
+Several processes (hosts) train one run together when each is started with ``--coordinator``:
+``--coordinator HOST:PORT --num-processes N --process-id I`` (process 0's address, the same for all), or
+``--coordinator auto`` under SLURM / Open MPI / on a TPU pod slice (JAX reads the job's settings).
+"""
 
 from __future__ import annotations
 
@@ -41,12 +46,13 @@ def _startup_errors() -> tuple[type[BaseException], ...]:
   from a2v_jax.data.audio import AudioError
   from a2v_jax.data.partition import PartitionError
   from a2v_jax.data.registry import DatasetError
+  from a2v_jax.federated.distributed import DistributedInitError
   from a2v_jax.federated.generator_runs import GeneratorRunError
   from a2v_jax.trainer import TrainingError
   from a2v_jax.wandb_sink import WandbMissingError
   return (config.ConfigError, DatasetError, PartitionError, AudioError, features.FeatureError, BackboneLoadError,
           WandbMissingError, CheckpointError, generator_checkpoint.GeneratorCheckpointError, GeneratorRunError,
-          run_log.RunDirError, TrainingError, FileNotFoundError)
+          run_log.RunDirError, TrainingError, FileNotFoundError, DistributedInitError)
 
 
 def _label(e: BaseException) -> str:
@@ -59,12 +65,32 @@ def _label(e: BaseException) -> str:
   return f"error ({type(e).__name__})"
 
 
+def _join(args: argparse.Namespace) -> None:
+  """Joins the multi-process job that ``--coordinator`` names, before any JAX computation.
+
+  Raises:
+    DistributedInitError: a process did not arrive within ``--init-timeout`` (never a hang), an
+      unusable address, or ``auto`` outside a cluster JAX recognises.
+  """
+  from a2v_jax.federated import distributed
+  auto = args.coordinator == "auto"
+  try:
+    distributed.initialize(None if auto else args.coordinator, args.num_processes, args.process_id,
+                           timeout_s=args.init_timeout)
+  except ValueError as e:  # a malformed address or id, or (auto) no cluster detected
+    hint = (" (--coordinator auto found no SLURM / Open MPI / TPU pod settings; give --coordinator HOST:PORT "
+            "--num-processes N --process-id I)") if auto else ""
+    raise distributed.DistributedInitError(f"cannot join the job: {e}{hint}") from e
+
+
 def main(argv=None) -> int:
   """Runs the CLI; returns the exit status (0 done, 2 refused or stopped with a stated reason).
 
   Start-up problems (config, data, backbones, missing / partial / corrupt / mismatched checkpoints, an
   existing run directory) and a run stopped on purpose (non-finite loss) print one message on stderr
   and return 2, without a traceback: the message is the whole story. Unexpected exceptions raise.
+  In a multi-process run (``--coordinator``) both end the process at once (``_leave_job``: status 2, or
+  1 after the traceback), and a finished run leaves the job together with its peers.
   """
   p = argparse.ArgumentParser(description="Federated audio-to-visual training (a2v-jax).")
   p.add_argument("--config", "-c", help="JSON config (ours, or reference-sectioned)")
@@ -73,12 +99,27 @@ def main(argv=None) -> int:
   p.add_argument("--resume", action="store_true", help="continue the run from its latest checkpoint")
   p.add_argument("--dry-run", action="store_true", help="validate config and data, print the plan, exit")
   p.add_argument("--quiet", action="store_true")
+  p.add_argument("--coordinator", metavar="HOST:PORT|auto",
+                 help="train with several processes (hosts): process 0's address, the same for every process "
+                      "(its port and the next one are used), or 'auto' under SLURM / Open MPI / on a TPU pod")
+  p.add_argument("--num-processes", type=int, metavar="N", help="processes in the job (with --coordinator HOST:PORT)")
+  p.add_argument("--process-id", type=int, metavar="I", help="this process, 0..N-1 (with --coordinator HOST:PORT)")
+  p.add_argument("--init-timeout", type=float, default=120.0, metavar="SECONDS",
+                 help="how long the processes wait for each other at start-up (default 120)")
   args = p.parse_args(argv)
+  if args.coordinator not in (None, "auto") and (args.num_processes is None or args.process_id is None):
+    p.error("--coordinator HOST:PORT needs --num-processes and --process-id")
+  if args.coordinator is None and (args.num_processes is not None or args.process_id is not None):
+    p.error("--num-processes and --process-id need --coordinator")
+  joined = False
 
   from a2v_jax import config as config_lib
   try:
     cfg = _load(config_lib, args.config, args.overrides)
-    if not args.quiet:
+    if args.coordinator is not None and not args.dry_run:  # a dry run checks this host alone
+      _join(args)
+      joined = True
+    if not args.quiet and (not joined or _process_index() == 0):
       print("resolved config:\n" + config_lib.dumps(cfg))
     if args.dry_run:
       from a2v_jax.plan import print_plan
@@ -88,12 +129,41 @@ def main(argv=None) -> int:
   except _startup_errors() as e:
     sys.stdout.flush()
     print(f"{_label(e)}: {e}", file=sys.stderr)
+    if joined:
+      _leave_job(2)
     return 2
   except KeyboardInterrupt:
     sys.stdout.flush()
     print("interrupted: the last checkpoint is kept; continue with --resume", file=sys.stderr)
     return 130
+  except Exception:
+    if not joined:
+      raise
+    import traceback
+    traceback.print_exc()
+    _leave_job(1)
+  if joined:
+    import jax
+    jax.distributed.shutdown()  # a barrier: process 0's coordinator outlives every peer's last step
   return 0
+
+
+def _process_index() -> int:
+  import jax
+  return jax.process_index()
+
+
+def _leave_job(status: int) -> None:
+  """Exits now with ``status``, skipping JAX's exit-time shutdown.
+
+  Why: that shutdown is a barrier of every process; a peer that did not stop with the same error is
+  blocked in a collective and would hold this process there for minutes. Leaving at once lets JAX's
+  heartbeat stop the peers instead (``distributed.initialize``'s ``heartbeat_timeout_s``).
+  """
+  import os
+  sys.stdout.flush()
+  sys.stderr.flush()
+  os._exit(status)
 
 
 if __name__ == "__main__":

@@ -2,7 +2,8 @@
 FedAvg rounds as one process; a missing peer is a prompt, clear error instead of a hang or an abort.
 
 The two-process job runs as subprocesses of this file (``python tests/test_distributed.py child ...``),
-each with 2 CPU devices, so the 'clients' mesh spans 4 devices on 2 processes.
+each with 2 CPU devices, so the 'clients' mesh spans 4 devices on 2 processes. The CLI tests start
+``python -m experiments.run --coordinator ...`` twice (one CPU device each) on a tiny FSDD config.
 """
 
 import os
@@ -147,6 +148,120 @@ def test_rendezvous_rejects_a_wrong_process_count():
     distributed.rendezvous(f"127.0.0.1:{port}", 3, 1, timeout_s=2.0)
   t.join()
   assert "[1] never arrived" in errors[0]
+
+
+# --- the CLI across processes -----------------------------------------------------------------------
+
+# Two FSDD digits on 4 speaker-nodes (2 per process: no padded clients, so one process and two processes
+# draw the same client keys), narrow heads, an evaluation and a checkpoint every round.
+CLI_SETTINGS = ['selected_classes=["zero","one"]', "num_nodes=4", "clip_adapter_hidden=[16]",
+                "t5_adapter_hidden=[16]", "eval_gap=1", "checkpoint_frequency=1"]
+RUN_FILES = {"config.json", "metrics.jsonl", "metrics.csv", "summary.json", "plot.png", "state"}
+
+
+def _cli_env(tmp_path) -> dict:
+  # One CPU device per process. Compiling dominates these runs: XLA skips LLVM's expensive passes (a third
+  # less CPU; one process and two compare under the same flags), and programs are shared through a
+  # persistent cache, so the resumed job reuses the first job's.
+  return dict(os.environ, PYTHONPATH=str(ROOT), JAX_PLATFORMS="cpu",
+              XLA_FLAGS="--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true",
+              JAX_COMPILATION_CACHE_DIR=str(tmp_path / "jax_cache"), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
+
+
+def _cli_args(tmp_path, name: str, rounds: int) -> list[str]:
+  """The embedded default config, made tiny; backbones by path (written once by the test), so no run
+  imports torch to check the tiny ones."""
+  bb = tmp_path / "backbones"
+  sets = CLI_SETTINGS + [f"global_rounds={rounds}", f'output_dir="{tmp_path / "runs"}"', f'name="{name}"',
+                         f'cache_dir="{tmp_path / "cache"}"', f'ast_model="{bb / "ast"}"',
+                         f'clip_text_model="{bb / "clip_text"}"', f't5_model="{bb / "t5"}"']
+  return [sys.executable, "-m", "experiments.run", "--config", str(ROOT / "experiments/configs/fsdd_tiny.json")] + [
+      a for kv in sets for a in ("--set", kv)]
+
+
+def _two_process_cli(tmp_path, args: list[str]) -> list[str]:
+  """Runs ``args`` as processes 0 and 1 of one job; returns their outputs (both must exit 0)."""
+  port = _free_port()
+  procs = [subprocess.Popen(args + ["--coordinator", f"127.0.0.1:{port}", "--num-processes", "2",
+                                    "--process-id", str(i), "--init-timeout", "60"],
+                            cwd=ROOT, env=_cli_env(tmp_path), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True) for i in range(2)]
+  logs = []
+  for p in procs:
+    try:
+      logs.append(p.communicate(timeout=300)[0])
+    except subprocess.TimeoutExpired:
+      for q in procs:
+        q.kill()
+      pytest.fail("the two-process CLI job did not finish in 300 s")
+  for i, (p, log) in enumerate(zip(procs, logs)):
+    assert p.returncode == 0, f"process {i}:\n{log[-4000:]}"
+  return logs
+
+
+def _rows(run_dir: Path) -> list[dict]:
+  import json
+  return [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def _assert_rows_close(got: list[dict], want: list[dict]) -> None:
+  assert len(got) == len(want)
+  for g, w in zip(got, want):
+    assert g.keys() == w.keys()
+    for k in w:
+      if k != "round_seconds":  # sums over clients meet in another order across processes: float tolerance
+        assert g[k] == pytest.approx(w[k], rel=1e-4, abs=1e-5), (g["round"], k)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not (ROOT / "data" / "fsdd" / "recordings").is_dir(), reason="FSDD not present")
+def test_cli_two_processes_equal_one_and_resume(tmp_path):
+  """``experiments.run`` as a 2-process job: process 0 alone writes one run directory, whose metrics
+  equal a single-process run's; ``--resume`` continues the job from its checkpoint."""
+  import json
+
+  from a2v_jax import config
+  from a2v_jax.backbones.paths import backbone_dir
+  tiny = config.load(None, [f'tiny_dir="{tmp_path / "backbones"}"'])
+  for kind in ("ast", "clip_text", "t5"):
+    backbone_dir(tiny, kind)
+
+  # Round 1 across two processes (process 0 fills the feature caches while process 1 waits for it).
+  first = _two_process_cli(tmp_path, _cli_args(tmp_path, "job", 1))
+  assert "resolved config" in first[0] and "resolved config" not in first[1]
+  assert "run directory" not in first[1]
+  # Two rounds in one process, from the same caches.
+  single = subprocess.run(_cli_args(tmp_path, "single", 2) + ["--quiet"], cwd=ROOT, env=_cli_env(tmp_path),
+                          capture_output=True, text=True, timeout=300)
+  assert single.returncode == 0, single.stderr[-4000:]
+  want = _rows(tmp_path / "runs" / "single")
+  job = tmp_path / "runs" / "job"
+  _assert_rows_close(_rows(job), want[:1])
+  # Round 2: the job resumed from its round-1 checkpoint, restored by both processes.
+  resumed = _two_process_cli(tmp_path, _cli_args(tmp_path, "job", 2) + ["--resume"])
+  assert "resumed from round 1" in resumed[0] and "resumed from round 1" not in resumed[1]
+  _assert_rows_close(_rows(job), want)
+  assert {p.name for p in job.iterdir()} == RUN_FILES
+  assert {p.name for p in (tmp_path / "runs").iterdir()} == {"job", "single"}
+  summary = json.loads((job / "summary.json").read_text())
+  assert summary["processes"] == 2 and summary["rounds"] == 2
+  assert summary["final"] == pytest.approx(json.loads((tmp_path / "runs" / "single" / "summary.json").read_text())
+                                           ["final"], rel=1e-4, abs=1e-5)
+
+
+def test_cli_missing_peer_exits_2_with_one_line(tmp_path):
+  """Process 0 of a 2-process job whose peer never starts: exit status 2 and one line, within seconds."""
+  port = _free_port()
+  start = time.monotonic()
+  r = subprocess.run([sys.executable, "-m", "experiments.run", "--quiet", "--set", f'output_dir="{tmp_path / "runs"}"',
+                      "--coordinator", f"127.0.0.1:{port}", "--num-processes", "2", "--process-id", "0",
+                      "--init-timeout", "1"], cwd=ROOT, env=_cli_env(tmp_path), capture_output=True, text=True,
+                     timeout=60)
+  assert r.returncode == 2, r.stderr
+  assert r.stderr.startswith("error (DistributedInitError): process 0 waited 1 s") and "[1] never arrived" in r.stderr
+  assert r.stderr.count("\n") == 1 and "Traceback" not in r.stderr
+  assert time.monotonic() - start < 30
+  assert not (tmp_path / "runs").exists()  # nothing written before the job exists
 
 
 if __name__ == "__main__" and sys.argv[1:2] == ["child"]:

@@ -3,7 +3,8 @@
 The round function does not change across hosts: the client axis is laid over a ``'clients'`` mesh
 that spans every process's devices (``sharding.client_mesh()`` over ``jax.devices()``), each process
 feeds only the clients its devices hold, and XLA's collectives (gloo on CPU, NCCL on GPU, ICI on TPU)
-compute the FedAvg mean across processes.
+compute the FedAvg mean across processes. The CLI joins with ``--coordinator`` (experiments/run.py);
+the trainer places its arrays through ``Placement`` and waits for process 0's caches at ``barrier``.
 
 Why a rendezvous of our own before ``jax.distributed.initialize``: when a peer never comes, JAX's
 coordination client does not raise, it aborts the whole process (``LOG(FATAL)`` ... ``DEADLINE_EXCEEDED``,
@@ -16,13 +17,17 @@ by JAX's heartbeat (``heartbeat_timeout_s``), which terminates the survivors ins
 
 from __future__ import annotations
 
+import dataclasses
 import socket
 import time
 from typing import Any, Optional, Sequence
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from a2v_jax.federated import sharding
 
 _HELLO = b"A2V-RDV1"
 
@@ -215,3 +220,67 @@ def fetch(tree: Any) -> Any:
     return np.asarray(multihost_utils.process_allgather(x, tiled=True))
 
   return jax.tree.map(one, tree)
+
+
+def barrier(name: str, timeout_s: float) -> None:
+  """Blocks until every process has reached ``barrier(name)``; a no-op in a single process.
+
+  Why the coordination service's barrier rather than a device collective (``sync_global_devices``):
+  it compiles nothing and takes an explicit deadline, so the other processes can wait for minutes
+  while process 0 fills a feature cache. (Orbax and JAX's array serialization use the same one.)
+  """
+  if jax.process_count() == 1:
+    return
+  from jax._src import distributed as jax_distributed
+  client = jax_distributed.global_state.client
+  if client is None:  # a runtime joined without jax.distributed (none known today): a collective then
+    from jax.experimental import multihost_utils
+    multihost_utils.sync_global_devices(name)
+    return
+  client.wait_at_barrier(name, timeout_in_ms=int(timeout_s * 1000))
+
+
+@dataclasses.dataclass(frozen=True)
+class Placement:
+  """Where a run's arrays go: this process's devices (one process), or global arrays (several).
+
+  Why one object: the trainer places each array the same way whatever the process count. With one
+  process every method is exactly the ``sharding.py`` call the trainer made before multi-process runs
+  existed, so single-process numbers do not move; with several, each process contributes only the
+  rows of the clients its devices hold (``process_clients``) and reads results back with ``fetch``.
+
+  Attributes:
+    mesh: the ``'clients'`` mesh over every process's devices (None: one device).
+    num_clients: C, the padded client count (a multiple of the mesh size).
+  """
+  mesh: Optional[Mesh]
+  num_clients: int
+
+  @property
+  def multi(self) -> bool:
+    return jax.process_count() > 1
+
+  def clients(self, tree: Any) -> Any:
+    """Client-stacked host or local arrays (leading axis C, whole on every process), split over 'clients'."""
+    if not self.multi:
+      return sharding.shard_clients(jax.tree.map(jnp.asarray, tree), self.mesh)
+    mine = process_clients(self.num_clients, self.mesh)
+    return global_clients(jax.tree.map(lambda x: np.asarray(x)[mine], tree), self.mesh, self.num_clients)
+
+  def replicated(self, tree: Any) -> Any:
+    """Arrays every process holds whole (server state, shared features), replicated over the mesh."""
+    if not self.multi:
+      return sharding.replicate(jax.tree.map(jnp.asarray, tree), self.mesh)
+    return global_replicated(tree, self.mesh)
+
+  def inputs(self, tree: Any, *, clients: bool) -> Any:
+    """Per-call program inputs (evaluation indices): plain local arrays in one process, where jit
+    places them as it always did; global arrays (client-split or replicated) across processes, where a
+    program over every process's devices accepts nothing else."""
+    if not self.multi:
+      return jax.tree.map(jnp.asarray, tree)
+    return self.clients(tree) if clients else self.replicated(tree)
+
+  def host(self, tree: Any) -> Any:
+    """numpy copies of (possibly global) arrays on every process; a collective when several."""
+    return fetch(tree) if self.multi else jax.device_get(tree)
