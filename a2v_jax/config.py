@@ -164,6 +164,12 @@ class FederationConfig:
   server_learning_rate: float = 1.0
   # Server momentum on the mean client delta (FedAvgM, Hsu et al. 2019); 0 = plain FedAvg.
   server_momentum: float = 0.0
+  # Correction of client drift in local training (a2v-jax; the reference has none): fedprox adds
+  # fedprox_mu / 2 * ||w - w_global||^2 to the local loss (Li et al. 2020); scaffold adds the difference
+  # between the server's and the client's control variates (mean gradients of the last round) to every
+  # local gradient (Karimireddy et al. 2020).
+  local_drift_correction: Literal["none", "fedprox", "scaffold"] = "none"
+  fedprox_mu: float = 0.01
   eval_gap: int = 1
   checkpoint_frequency: int = 1
   max_to_keep: int = 2
@@ -467,6 +473,8 @@ def validate(cfg: Config) -> None:
         f"{cfg.text.prompt_template!r}")
   if fe.pooled_tokens is not None and fe.pooled_tokens < 1:
     raise ConfigError(f"config key 'pooled_tokens' must be >= 1 or null, got {fe.pooled_tokens}")
+  if f.fedprox_mu < 0:
+    raise ConfigError(f"config key 'fedprox_mu' must be >= 0, got {f.fedprox_mu}")
   if f.client_chunk_size is not None and f.client_chunk_size < 1:
     raise ConfigError(f"config key 'client_chunk_size' must be >= 1 or null, got {f.client_chunk_size}")
   spc = g.synthetic_samples_per_class

@@ -95,9 +95,10 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def config_for(args: argparse.Namespace) -> tuple[Config, dict]:
-  # The torch baseline is the reference's plain FedAvg (sgd(1.0) on the mean delta): the study runs that
-  # server step on both sides, whatever the config's server optimiser (timing-wise it is negligible).
-  overrides = ["server_optimizer=\"sgd\"", "server_learning_rate=1.0", "server_momentum=0.0", *args.set]
+  # The torch baseline is the reference's plain FedAvg (sgd(1.0) on the mean delta, plain local loss): the
+  # study runs that on both sides, whatever the config's server optimiser or drift correction.
+  overrides = ["server_optimizer=\"sgd\"", "server_learning_rate=1.0", "server_momentum=0.0",
+               "local_drift_correction=\"none\"", *args.set]
   extra: dict[str, Any] = {}
   if args.preset == "reference":
     overrides += [f"{k}={json.dumps(v)}" for k, v in REFERENCE_PRESET.items()]

@@ -123,3 +123,15 @@ def test_minibatch_rounds_match_with_mirrored_order():
     server, clients, m = round_fn(server, clients, data, shared)
     ref_m = ref.round(batches, epoch0=r * cfg.train.local_epochs)
     _compare(server, m, ref, ref_m, rtol=1e-3, atol=1e-4)
+
+
+def test_study_times_the_reference_fedavg_whatever_the_config():
+  """The torch side is plain FedAvg with a plain local loss; the JAX side must run the same algorithm."""
+  from experiments import scaling
+  args = scaling.parse_args(["--config", "experiments/configs/fsdd_tiny.json", "--clients", "1"])
+  cfg, _ = scaling.config_for(args)
+  default = config.load("experiments/configs/fsdd_tiny.json").federation
+  assert default.server_momentum > 0 and default.local_drift_correction != "none"  # the premise
+  f = cfg.federation
+  assert (f.server_optimizer, f.server_learning_rate, f.server_momentum, f.local_drift_correction) == (
+      "sgd", 1.0, 0.0, "none")

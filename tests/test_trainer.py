@@ -24,11 +24,13 @@ def _server_rows(run_dir):
   return [{k: v for k, v in r.items() if k.startswith(("test/", "train/"))} for r in rows]
 
 
-def test_resume_gives_identical_metrics(tmp_path):
+@pytest.mark.parametrize("correction", ["none", "scaffold"])  # scaffold: control variates in the state too
+def test_resume_gives_identical_metrics(tmp_path, correction):
   prep = synthetic_prepared()
-  straight = train_and_evaluate(_cfg(tmp_path, "straight", "global_rounds=4"), verbose=False, prepared=prep)
-  train_and_evaluate(_cfg(tmp_path, "split", "global_rounds=2"), verbose=False, prepared=prep)
-  resumed = train_and_evaluate(_cfg(tmp_path, "split", "global_rounds=4"), resume=True, verbose=False,
+  c = f'local_drift_correction="{correction}"'
+  straight = train_and_evaluate(_cfg(tmp_path, "straight", "global_rounds=4", c), verbose=False, prepared=prep)
+  train_and_evaluate(_cfg(tmp_path, "split", "global_rounds=2", c), verbose=False, prepared=prep)
+  resumed = train_and_evaluate(_cfg(tmp_path, "split", "global_rounds=4", c), resume=True, verbose=False,
                                prepared=prep)
   a, b = _server_rows(tmp_path / "straight"), _server_rows(tmp_path / "split")
   assert len(a) == len(b) == 4

@@ -64,6 +64,7 @@ def fed_a2v(cfg: Config, apply_fn: Callable, init_fn: Callable, *, steps: int,
   local_train = make_local_train(cfg, apply_fn, tx, cfg.train.batch_size, steps)
   chunk = cfg.federation.client_chunk_size
   m = num_participants(cfg, num_clients)
+  scaffold = cfg.federation.local_drift_correction == "scaffold"
 
   def init(rng: jax.Array) -> tuple[ServerState, ClientState]:
     server_key, clients_key, rng = jax.random.split(rng, 3)
@@ -73,12 +74,14 @@ def fed_a2v(cfg: Config, apply_fn: Callable, init_fn: Callable, *, steps: int,
     client_params = jax.vmap(init_fn)(keys)
     client_opt = jax.vmap(tx.init)(client_params)
     rngs = jax.vmap(lambda k: jax.random.fold_in(k, 1))(keys)
+    zeros = lambda p: jax.tree.map(jnp.zeros_like, p) if scaffold else None
     server = ServerState(params=server_params, opt_state=server_tx.init(server_params),
-                         round=jnp.zeros((), jnp.int32), rng=rng)
-    return server, ClientState(params=client_params, opt_state=client_opt, rng=rngs)
+                         round=jnp.zeros((), jnp.int32), rng=rng, control=zeros(server_params))
+    return server, ClientState(params=client_params, opt_state=client_opt, rng=rngs,
+                               control=zeros(client_params))
 
-  def train_all(clients: ClientState, data: RoundData, epoch0, shared: Shared):
-    fn = over_clients(lambda c, i, n: local_train(c, i, n, epoch0, shared))
+  def train_all(clients: ClientState, data: RoundData, epoch0, shared: Shared, server_control):
+    fn = over_clients(lambda c, i, n: local_train(c, i, n, epoch0, shared, server_control))
     if chunk is None or chunk >= num_clients:
       return fn(clients, data.idx, data.count)
     return train_in_chunks(fn, clients, data, chunk)
@@ -103,9 +106,17 @@ def fed_a2v(cfg: Config, apply_fn: Callable, init_fn: Callable, *, steps: int,
     # local-training loop, so XLA copied every optimiser moment into the loop instead of updating the
     # donated buffers in place (measured: select + copies were ~30 % of a 1000-client round).
     # Only the keys advance regardless; the non-participants' old keys are kept.
-    old_rng = clients.rng
-    trained, metrics = train_all(clients, data._replace(count=data.count * participate), epoch0, shared)
+    old_rng, old_control = clients.rng, clients.control
+    trained, metrics = train_all(clients, data._replace(count=data.count * participate), epoch0, shared,
+                                 server.control)
     clients = trained.replace(rng=aggregate.select(participate, trained.rng, old_rng))
+    control = server.control
+    if scaffold:  # c += |S| / N * mean over participants of (c_i+ - c_i), the paper's server step
+      has_data = data.count > 0
+      frac = participate.sum() / jnp.maximum(has_data.sum(), 1)
+      delta = aggregate.weighted_mean(jax.tree.map(jnp.subtract, clients.control, old_control),
+                                      participate.astype(jnp.float32))
+      control = jax.tree.map(lambda c, d: c + frac * d, control, delta)
     weights = aggregate.client_weights(mode, data.count, participate)
     mean = aggregate.weighted_mean(clients.params, weights)
     if mode in BROADCAST_MODES:
@@ -114,7 +125,8 @@ def fed_a2v(cfg: Config, apply_fn: Callable, init_fn: Callable, *, steps: int,
       params = optax.apply_updates(server.params, updates)
     else:  # local-only: no server model; keep the mean only as a reference point
       params, opt_state = mean, server.opt_state
-    server = server.replace(params=params, opt_state=opt_state, round=server.round + 1, rng=rng)
+    server = server.replace(params=params, opt_state=opt_state, round=server.round + 1, rng=rng,
+                            control=control)
     metrics = dict(metrics, participate=participate)
     return server, clients, metrics
 

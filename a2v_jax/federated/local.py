@@ -8,7 +8,7 @@ a batch with no valid row leaves params and optimiser state untouched.
 
 from __future__ import annotations
 
-from typing import Callable, Mapping, NamedTuple
+from typing import Callable, Mapping, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
@@ -45,7 +45,12 @@ def branch_losses(outputs: Mapping[str, jax.Array], targets: Mapping[str, jax.Ar
 
 def make_local_train(cfg: Config, apply_fn: Callable, tx: optax.GradientTransformation,
                      batch_size: int, steps_per_epoch: int) -> Callable:
-  """Returns ``local_train(client, idx, count, epoch0, shared) -> (client, metrics)`` for one client.
+  """Returns ``local_train(client, idx, count, epoch0, shared, server_control=None) -> (client, metrics)``.
+
+  One client. With ``local_drift_correction: fedprox`` the local loss gains mu/2 ||w - w0||^2, w0 the
+  params the client starts the round from (the global model in averaging modes); with ``scaffold``
+  every gradient is corrected by ``server_control - client.control`` and the client's new control is
+  the mean of its uncorrected gradients over the round's real steps (untouched when it had none).
 
   Args:
     cfg: run config (local_epochs, cosine weight, reference batch-target bug switch).
@@ -58,18 +63,26 @@ def make_local_train(cfg: Config, apply_fn: Callable, tx: optax.GradientTransfor
   cosine_weight = float(cfg.train.cosine_loss_weight)
   first_target_bug = cfg.train.reference_batch_target_bug
   local_epochs = cfg.train.local_epochs
+  correction = cfg.federation.local_drift_correction
+  mu = float(cfg.federation.fedprox_mu) if correction == "fedprox" else 0.0
+  scaffold = correction == "scaffold"
 
-  def loss_fn(params: Params, x, y, mask):
+  def loss_fn(params: Params, x, y, mask, anchor):
     losses = branch_losses(apply_fn(params, x), y, mask, cosine_weight)
-    return sum(losses.values()), losses
+    total = sum(losses.values())
+    if mu:
+      total = total + 0.5 * mu * optax.tree.norm(jax.tree.map(jnp.subtract, params, anchor), squared=True)
+    return total, losses
 
   def local_train(client: ClientState, idx: jax.Array, count: jax.Array, epoch0: jax.Array,
-                  shared: Shared):
+                  shared: Shared, server_control: Optional[Params] = None):
     positions = jnp.arange(idx.shape[0])
     valid = positions < count
+    anchor = jax.lax.stop_gradient(client.params)
+    shift = jax.tree.map(jnp.subtract, server_control, client.control) if scaffold else None
 
     def one_step(carry, step):
-      params, opt_state, order, epoch = carry
+      params, opt_state, grad_sum, order, epoch = carry
       pos = jax.lax.dynamic_slice_in_dim(order, step * batch_size, batch_size)
       bmask = ((step * batch_size + jnp.arange(batch_size)) < count).astype(jnp.float32)
       rows = idx[pos]
@@ -80,11 +93,14 @@ def make_local_train(cfg: Config, apply_fn: Callable, tx: optax.GradientTransfor
       y = {b: t[labels] for b, t in shared.targets.items()}
 
       def train(state):
-        params, opt_state = state
-        (_, losses), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, x, y, bmask)
+        params, opt_state, grad_sum = state
+        (_, losses), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, x, y, bmask, anchor)
+        if scaffold:
+          grad_sum = jax.tree.map(jnp.add, grad_sum, grads)
+          grads = jax.tree.map(jnp.add, grads, shift)
         updates, new_opt = tx.update(grads, opt_state, params)
         updates = optim.scale_by_branch_lr(updates, epoch, schedules)
-        return (optax.apply_updates(params, updates), new_opt), losses
+        return (optax.apply_updates(params, updates), new_opt, grad_sum), losses
 
       def skip(state):
         losses = jax.eval_shape(train, state)[1]  # the branches the heads have (maybe fewer than targets)
@@ -94,22 +110,31 @@ def make_local_train(cfg: Config, apply_fn: Callable, tx: optax.GradientTransfor
       # as it was. Unbatched, cond skips the work and the extra pass over params and moments; under
       # vmap it lowers to the same select as before.
       has_data = bmask.sum() > 0
-      (params, opt_state), losses = jax.lax.cond(has_data, train, skip, (params, opt_state))
-      return (params, opt_state, order, epoch), (losses, has_data)
+      (params, opt_state, grad_sum), losses = jax.lax.cond(has_data, train, skip,
+                                                           (params, opt_state, grad_sum))
+      return (params, opt_state, grad_sum, order, epoch), (losses, has_data)
 
     def one_epoch(carry, e):
-      params, opt_state, rng = carry
+      params, opt_state, grad_sum, n_steps, rng = carry
       rng, sub = jax.random.split(rng)
       noise = jax.random.uniform(sub, idx.shape)
       order = jnp.argsort(jnp.where(valid, noise, 2.0))  # valid rows first, shuffled
-      (params, opt_state, _, _), (losses, real) = jax.lax.scan(
-          one_step, (params, opt_state, order, epoch0 + e), jnp.arange(steps_per_epoch))
+      (params, opt_state, grad_sum, _, _), (losses, real) = jax.lax.scan(
+          one_step, (params, opt_state, grad_sum, order, epoch0 + e), jnp.arange(steps_per_epoch))
       n_real = jnp.maximum(real.sum(), 1)
-      return (params, opt_state, rng), {b: l.sum() / n_real for b, l in losses.items()}
+      return ((params, opt_state, grad_sum, n_steps + real.sum(), rng),
+              {b: l.sum() / n_real for b, l in losses.items()})
 
-    (params, opt_state, rng), per_epoch = jax.lax.scan(
-        one_epoch, (client.params, client.opt_state, client.rng), jnp.arange(local_epochs))
+    grad_sum = jax.tree.map(jnp.zeros_like, client.params) if scaffold else None
+    (params, opt_state, grad_sum, n_steps, rng), per_epoch = jax.lax.scan(
+        one_epoch, (client.params, client.opt_state, grad_sum, jnp.zeros((), jnp.int32), client.rng),
+        jnp.arange(local_epochs))
     metrics = {f"{b}_loss": v[-1] for b, v in per_epoch.items()}
-    return client.replace(params=params, opt_state=opt_state, rng=rng), metrics
+    client = client.replace(params=params, opt_state=opt_state, rng=rng)
+    if scaffold:  # no real step: the old control stands (a non-participant, a padded client)
+      control = jax.tree.map(lambda s, c: jnp.where(n_steps > 0, s / jnp.maximum(n_steps, 1), c),
+                             grad_sum, client.control)
+      client = client.replace(control=control)
+    return client, metrics
 
   return local_train

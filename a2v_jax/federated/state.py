@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Optional
+
 import flax.struct
 import jax
 
@@ -18,6 +20,9 @@ class ClientState:
   params: Params
   opt_state: OptState
   rng: jax.Array
+  # SCAFFOLD's client control variate (its mean gradient of the last round it took part in); None
+  # unless ``local_drift_correction: scaffold``.
+  control: Optional[Params] = None
 
 
 @flax.struct.dataclass
@@ -27,3 +32,5 @@ class ServerState:
   opt_state: OptState
   round: jax.Array
   rng: jax.Array
+  # SCAFFOLD's server control variate (the mean of the clients' ones); None unless scaffold.
+  control: Optional[Params] = None
