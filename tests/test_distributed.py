@@ -85,6 +85,19 @@ def child(coordinator: str, process_id: int, out: str) -> None:
   print(f"CHILD-{process_id}-OK")
 
 
+def _outputs(procs: list, what: str, timeout_s: float = 300) -> list[str]:
+  """Each process's output; kills them all and fails if any runs past ``timeout_s`` (never a hung test)."""
+  logs = []
+  for p in procs:
+    try:
+      logs.append(p.communicate(timeout=timeout_s)[0])
+    except subprocess.TimeoutExpired:
+      for q in procs:
+        q.kill()
+      pytest.fail(f"{what} did not finish in {timeout_s:.0f} s")
+  return logs
+
+
 def test_two_processes_equal_one_process(tmp_path):
   import jax
 
@@ -95,14 +108,7 @@ def test_two_processes_equal_one_process(tmp_path):
   procs = [subprocess.Popen([sys.executable, str(Path(__file__).resolve()), "child", f"127.0.0.1:{port}", str(i),
                              str(out)], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
            for i in range(2)]
-  logs = []
-  for p in procs:
-    try:
-      logs.append(p.communicate(timeout=300)[0])
-    except subprocess.TimeoutExpired:
-      for q in procs:
-        q.kill()
-      pytest.fail("the two-process job did not finish in 300 s")
+  logs = _outputs(procs, "the two-process job")
   for i, (p, log) in enumerate(zip(procs, logs)):
     assert p.returncode == 0 and f"CHILD-{i}-OK" in log, log[-4000:]
 
@@ -186,14 +192,7 @@ def _two_process_cli(tmp_path, args: list[str]) -> list[str]:
                                     "--process-id", str(i), "--init-timeout", "60"],
                             cwd=ROOT, env=_cli_env(tmp_path), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True) for i in range(2)]
-  logs = []
-  for p in procs:
-    try:
-      logs.append(p.communicate(timeout=300)[0])
-    except subprocess.TimeoutExpired:
-      for q in procs:
-        q.kill()
-      pytest.fail("the two-process CLI job did not finish in 300 s")
+  logs = _outputs(procs, "the two-process CLI job")
   for i, (p, log) in enumerate(zip(procs, logs)):
     assert p.returncode == 0, f"process {i}:\n{log[-4000:]}"
   return logs
