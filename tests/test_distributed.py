@@ -158,8 +158,8 @@ def test_rendezvous_rejects_a_wrong_process_count():
 
 # --- the CLI across processes -----------------------------------------------------------------------
 
-# Two FSDD digits on 4 speaker-nodes (2 per process: no padded clients, so one process and two processes
-# draw the same client keys), narrow heads, an evaluation and a checkpoint every round.
+# Two FSDD digits on 4 speaker-nodes (2 per process, no padded clients), narrow heads, an evaluation and
+# a checkpoint every round.
 CLI_SETTINGS = ['selected_classes=["zero","one"]', "num_nodes=4", "clip_adapter_hidden=[16]",
                 "t5_adapter_hidden=[16]", "eval_gap=1", "checkpoint_frequency=1"]
 RUN_FILES = {"config.json", "metrics.jsonl", "metrics.csv", "summary.json", "plot.png", "state"}
