@@ -300,8 +300,10 @@ def train_and_evaluate(cfg: Config, *, resume: bool = False, verbose: bool = Tru
     log.truncate_after(start_round)
     if verbose:
       print(f"resumed from round {start_round}")
-  elif resume and verbose:
-    print("nothing to resume: starting from round 0")
+  elif resume:  # killed before its first checkpoint: the rows it logged are recomputed, not kept twice
+    log.truncate_after(0)
+    if verbose:
+      print("nothing to resume: starting from round 0")
 
   # Run 1: generators train after each round's heads; they are checkpointed together with the heads
   # (at multiples of either frequency), so a resume restores both from the same round.

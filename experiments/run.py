@@ -11,7 +11,7 @@ import argparse
 import sys
 
 
-def _load(config_lib, path, overrides):
+def load_config(config_lib, path, overrides):
   """Our config format, or a reference fedgfe JSON (``feda2v`` / ``nodes`` sections) translated."""
   import json
   from pathlib import Path
@@ -34,7 +34,7 @@ def _load(config_lib, path, overrides):
   return config_lib.load(path, overrides)
 
 
-def _startup_errors() -> tuple[type[BaseException], ...]:
+def startup_errors() -> tuple[type[BaseException], ...]:
   """The project's errors that mean "this run cannot start (or go on) as configured".
 
   Each carries a message written for the user (what was found, what was expected), so the CLI prints
@@ -55,7 +55,7 @@ def _startup_errors() -> tuple[type[BaseException], ...]:
           run_log.RunDirError, TrainingError, FileNotFoundError, DistributedInitError)
 
 
-def _label(e: BaseException) -> str:
+def error_label(e: BaseException) -> str:
   from a2v_jax.config import ConfigError
   from a2v_jax.generator_checkpoint import GeneratorCheckpointError
   if isinstance(e, ConfigError):
@@ -115,7 +115,7 @@ def main(argv=None) -> int:
 
   from a2v_jax import config as config_lib
   try:
-    cfg = _load(config_lib, args.config, args.overrides)
+    cfg = load_config(config_lib, args.config, args.overrides)
     if args.coordinator is not None and not args.dry_run:  # a dry run checks this host alone
       _join(args)
       joined = True
@@ -126,9 +126,9 @@ def main(argv=None) -> int:
       return print_plan(cfg)
     from a2v_jax.trainer import train_and_evaluate
     train_and_evaluate(cfg, resume=args.resume, verbose=not args.quiet)
-  except _startup_errors() as e:
+  except startup_errors() as e:
     sys.stdout.flush()
-    print(f"{_label(e)}: {e}", file=sys.stderr)
+    print(f"{error_label(e)}: {e}", file=sys.stderr)
     if joined:
       _leave_job(2)
     return 2

@@ -42,6 +42,21 @@ def test_resume_gives_identical_metrics(tmp_path, correction):
   assert (tmp_path / "split" / "metrics.csv").is_file() and (tmp_path / "split" / "plot.png").is_file()
 
 
+def test_resume_without_a_checkpoint_recomputes_the_logged_rounds(tmp_path):
+  """Killed before its first checkpoint: --resume starts at round 0 and does not keep the old rows twice."""
+  import shutil
+  prep = synthetic_prepared()
+  straight = train_and_evaluate(_cfg(tmp_path, "r", "global_rounds=2"), verbose=False, prepared=prep)
+  before = _server_rows(tmp_path / "r")
+  shutil.rmtree(tmp_path / "r" / "state")
+  again = train_and_evaluate(_cfg(tmp_path, "r", "global_rounds=2"), resume=True, verbose=False, prepared=prep)
+  after = _server_rows(tmp_path / "r")
+  assert len(after) == len(before) == 2
+  for ra, rb in zip(before, after):
+    assert ra == pytest.approx(rb, rel=1e-6, abs=1e-7)
+  assert again["final"] == pytest.approx(straight["final"])
+
+
 def test_existing_run_is_not_overwritten(tmp_path):
   prep = synthetic_prepared()
   train_and_evaluate(_cfg(tmp_path, "r", "global_rounds=1"), verbose=False, prepared=prep)
