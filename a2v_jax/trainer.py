@@ -328,7 +328,7 @@ def train_and_evaluate(cfg: Config, *, resume: bool = False, verbose: bool = Tru
     if redraw and r > 1:
       host_features[pretrained.offset:] = generator_runs.redraw_synthetic(
           cfg, pretrained.state, pretrained.scale, pretrained.counts, pretrained.length, r)
-      shared = sharding.replicate(shared._replace(features=jnp.asarray(host_features)), mesh)
+      shared = place.replicated(shared._replace(features=host_features))
     server, clients, m = round_fn(server, clients, data, shared)
     m = place.host(m)
     _check_finite(m, r, lay.num_real_clients)
@@ -339,7 +339,7 @@ def train_and_evaluate(cfg: Config, *, resume: bool = False, verbose: bool = Tru
     if kd is not None:
       gens = (run1.state, run1.scale) if run1 is not None else (pretrained.state, pretrained.scale)
       server, krow = kd_round(cfg, kd, server, clients, gens, kd_weights, int(token_shape[0]), r)
-      server = sharding.replicate(server, mesh)
+      server = place.replicated(server)
       extra_row.update(krow)
     if pretrained is not None:
       extra_row.update(pretrained.server_row)

@@ -74,11 +74,10 @@ def fed_a2v(cfg: Config, apply_fn: Callable, init_fn: Callable, *, steps: int,
     client_params = jax.vmap(init_fn)(keys)
     client_opt = jax.vmap(tx.init)(client_params)
     rngs = jax.vmap(lambda k: jax.random.fold_in(k, 1))(keys)
-    zeros = lambda p: jax.tree.map(jnp.zeros_like, p) if scaffold else None
     server = ServerState(params=server_params, opt_state=server_tx.init(server_params),
-                         round=jnp.zeros((), jnp.int32), rng=rng, control=zeros(server_params))
+                         round=jnp.zeros((), jnp.int32), rng=rng, control=initial_control(cfg, server_params))
     return server, ClientState(params=client_params, opt_state=client_opt, rng=rngs,
-                               control=zeros(client_params))
+                               control=initial_control(cfg, client_params))
 
   def train_all(clients: ClientState, data: RoundData, epoch0, shared: Shared, server_control):
     fn = over_clients(lambda c, i, n: local_train(c, i, n, epoch0, shared, server_control))
@@ -111,12 +110,9 @@ def fed_a2v(cfg: Config, apply_fn: Callable, init_fn: Callable, *, steps: int,
                                  server.control)
     clients = trained.replace(rng=aggregate.select(participate, trained.rng, old_rng))
     control = server.control
-    if scaffold:  # c += |S| / N * mean over participants of (c_i+ - c_i), the paper's server step
-      has_data = data.count > 0
-      frac = participate.sum() / jnp.maximum(has_data.sum(), 1)
-      delta = aggregate.weighted_mean(jax.tree.map(jnp.subtract, clients.control, old_control),
-                                      participate.astype(jnp.float32))
-      control = jax.tree.map(lambda c, d: c + frac * d, control, delta)
+    if scaffold:  # the paper's c += |S| / N * mean_S(c_i+ - c_i): non-participants' deltas are 0
+      delta = aggregate.weighted_mean(jax.tree.map(jnp.subtract, clients.control, old_control), data.count > 0)
+      control = jax.tree.map(jnp.add, control, delta)
     weights = aggregate.client_weights(mode, data.count, participate)
     mean = aggregate.weighted_mean(clients.params, weights)
     if mode in BROADCAST_MODES:
@@ -131,6 +127,13 @@ def fed_a2v(cfg: Config, apply_fn: Callable, init_fn: Callable, *, steps: int,
     return server, clients, metrics
 
   return Algorithm(init=init, round=round_fn, local_train=local_train)
+
+
+def initial_control(cfg: Config, params: Any) -> Any:
+  """SCAFFOLD's control variate at the start (zeros shaped like ``params``); None without scaffold."""
+  if cfg.federation.local_drift_correction != "scaffold":
+    return None
+  return jax.tree.map(jnp.zeros_like, params)
 
 
 def over_clients(fn: Callable) -> Callable:

@@ -78,7 +78,7 @@ def make_local_train(cfg: Config, apply_fn: Callable, tx: optax.GradientTransfor
                   shared: Shared, server_control: Optional[Params] = None):
     positions = jnp.arange(idx.shape[0])
     valid = positions < count
-    anchor = jax.lax.stop_gradient(client.params)
+    anchor = client.params if mu else None  # FedProx's w0 (not differentiated: a closed-over value)
     shift = jax.tree.map(jnp.subtract, server_control, client.control) if scaffold else None
 
     def one_step(carry, step):

@@ -121,8 +121,10 @@ def replicated_init(cfg: Config, init_fn: Callable, num_clients: int,
   keys = jax.random.split(clients_key, num_clients)
   client_params = aggregate.broadcast(params, num_clients)
   clients = ClientState(params=client_params, opt_state=jax.vmap(tx.init)(client_params),
-                        rng=jax.vmap(lambda k: jax.random.fold_in(k, 1))(keys))
-  server = ServerState(params=params, opt_state=server_tx.init(params), round=jnp.zeros((), jnp.int32), rng=rng)
+                        rng=jax.vmap(lambda k: jax.random.fold_in(k, 1))(keys),
+                        control=engine.initial_control(cfg, client_params))
+  server = ServerState(params=params, opt_state=server_tx.init(params), round=jnp.zeros((), jnp.int32), rng=rng,
+                       control=engine.initial_control(cfg, params))
   return server, clients
 
 
