@@ -4,9 +4,14 @@ FedAvg rounds as one process; a missing peer is a prompt, clear error instead of
 The two-process job runs as subprocesses of this file (``python tests/test_distributed.py child ...``),
 each with 2 CPU devices, so the 'clients' mesh spans 4 devices on 2 processes. The CLI tests start
 ``python -m experiments.run --coordinator ...`` twice (one CPU device each) on a tiny FSDD config.
+``--coordinator auto`` is checked under a SLURM job simulated on 127.0.0.1 (``slurm_child``): the
+variables JAX's SLURM detection reads, no real SLURM, Open MPI or TPU.
 """
 
+import errno
+import json
 import os
+import random
 import socket
 import subprocess
 import sys
@@ -156,6 +161,137 @@ def test_rendezvous_rejects_a_wrong_process_count():
   assert "[1] never arrived" in errors[0]
 
 
+# --- --coordinator auto under SLURM, simulated on 127.0.0.1 ----------------------------------------
+
+# What jax 0.10.2's cluster detection reads (jax/_src/clusters/slurm_cluster.py): a SLURM job needs all five;
+# the coordinator is the step's first node at port ``SLURM_JOB_ID % 4096 + 61440``.
+SLURM_VARS = ("SLURM_JOB_ID", "SLURM_STEP_NODELIST", "SLURM_NTASKS", "SLURM_PROCID", "SLURM_LOCALID")
+
+
+def _slurm_port(job_id: int) -> int:
+  return job_id % 2**12 + (65535 - 2**12 + 1)
+
+
+def _port_is_free(port: int) -> bool:
+  """Nothing listens on ``port`` (JAX's coordinator binds every address, ``[::]:port``)."""
+  for family, host in ((socket.AF_INET, "0.0.0.0"), (socket.AF_INET6, "::")):
+    try:
+      with socket.socket(family) as s:
+        s.bind((host, port))
+    except OSError as e:
+      if e.errno == errno.EADDRINUSE:
+        return False  # (other errors: no IPv6 on this host)
+  return True
+
+
+def _slurm_job_id() -> int:
+  """A job id whose derived coordinator port is free here (random: concurrent test runs rarely meet)."""
+  for _ in range(200):
+    job_id = random.randrange(100_000, 10_000_000)
+    if _port_is_free(_slurm_port(job_id)):
+      return job_id
+  raise RuntimeError("no free port in SLURM's coordinator range [61440, 65535]")
+
+
+def _without_launchers(env: dict) -> dict:
+  """``env`` minus every launcher's and JAX's own settings, so only the simulated SLURM job is detected
+  (Open MPI is checked before SLURM; a CI that itself runs under SLURM must not leak into the test)."""
+  return {k: v for k, v in env.items() if not k.startswith(("SLURM_", "OMPI_", "PMI_", "PMIX_"))
+          and k not in ("JAX_COORDINATOR_ADDRESS", "JAX_COORDINATOR_PORT", "JAX_LOCAL_DEVICE_IDS")}
+
+
+def _slurm_env(job_id: int, procid: int, ntasks: int = 2) -> dict:
+  """The variables ``srun --ntasks=2`` would give task ``procid`` of job ``job_id`` on one node."""
+  return {"SLURM_JOB_ID": str(job_id), "SLURM_STEP_NODELIST": "localhost", "SLURM_NTASKS": str(ntasks),
+          "SLURM_PROCID": str(procid), "SLURM_LOCALID": str(procid)}
+
+
+def slurm_child() -> None:
+  """One task of the simulated SLURM job: joins as ``experiments.run --coordinator auto`` does (``_join``),
+  then sums a value from each process over the 'clients' mesh and gathers both values back."""
+  import argparse
+
+  import jax
+  import jax.numpy as jnp
+  from jax._src import distributed as jax_distributed
+
+  from a2v_jax.federated import sharding
+  from experiments import run
+  run._join(argparse.Namespace(coordinator="auto", num_processes=None, process_id=None, init_timeout=30.0))
+  mesh = sharding.client_mesh()  # one CPU device per process: 2 clients, one per process
+  mine = distributed.process_clients(2, mesh)
+  value = 10.0 ** jax.process_index()  # 1 and 10: a sum of 11 has each process's value exactly once
+  x = distributed.global_clients(np.full((mine.stop - mine.start,), value, np.float32), mesh, 2)
+  total = distributed.fetch(jax.jit(jnp.sum)(x))
+  gathered = distributed.fetch(x)
+  distributed.barrier("slurm-child", 30)
+  print("SLURM-CHILD " + json.dumps({
+      "process_index": jax.process_index(), "process_count": jax.process_count(),
+      "coordinator": jax_distributed.global_state.coordinator_address, "devices": len(jax.devices()),
+      "clients": [mine.start, mine.stop], "sum": float(total), "gathered": np.asarray(gathered).tolist()}),
+      flush=True)
+  jax.distributed.shutdown()
+
+
+def test_auto_under_slurm_joins_two_processes():
+  """``--coordinator auto`` with two SLURM tasks on localhost: JAX's SLURM detection gives the coordinator
+  (first node, port from the job id), 2 processes and each task's SLURM_PROCID as its index; a sum over
+  the 'clients' mesh crosses both processes."""
+  job_id = _slurm_job_id()
+  base = _without_launchers(dict(os.environ, PYTHONPATH=str(ROOT), JAX_PLATFORMS="cpu", XLA_FLAGS=""))
+  procs = [subprocess.Popen([sys.executable, str(Path(__file__).resolve()), "slurm-child"], cwd=ROOT,
+                            env={**base, **_slurm_env(job_id, i)}, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True) for i in range(2)]
+  logs = _outputs(procs, "the simulated SLURM job", timeout_s=120)
+  for i, (p, log) in enumerate(zip(procs, logs)):
+    assert p.returncode == 0, f"task {i}:\n{log[-4000:]}"
+    lines = [l for l in log.splitlines() if l.startswith("SLURM-CHILD ")]
+    assert len(lines) == 1, log[-4000:]
+    got = json.loads(lines[0].split(" ", 1)[1])
+    assert got == {"process_index": i, "process_count": 2, "coordinator": f"localhost:{_slurm_port(job_id)}",
+                   "devices": 2, "clients": [i, i + 1], "sum": 11.0, "gathered": [1.0, 10.0]}, got
+
+
+def test_auto_missing_peer_exits_2_with_one_line(tmp_path):
+  """Task 0 of a 2-task SLURM job whose other task never starts: ``--coordinator auto`` exits with status 2
+  and one line naming the missing process, within seconds (JAX alone would abort with a stack trace)."""
+  env = {**_without_launchers(_cli_env(tmp_path)), **_slurm_env(_slurm_job_id(), 0)}
+  start = time.monotonic()
+  r = subprocess.run([sys.executable, "-m", "experiments.run", "--quiet", "--set", f'output_dir="{tmp_path / "runs"}"',
+                      "--coordinator", "auto", "--init-timeout", "1"], cwd=ROOT, env=env, capture_output=True,
+                     text=True, timeout=60)
+  assert r.returncode == 2, r.stderr
+  assert r.stderr.startswith("error (DistributedInitError): process 0 waited 1 s") and "[1] never arrived" in r.stderr
+  assert r.stderr.count("\n") == 1 and "Traceback" not in r.stderr
+  assert time.monotonic() - start < 30
+  assert not (tmp_path / "runs").exists()
+
+
+def test_auto_without_process_0_is_a_prompt_error(monkeypatch):
+  """Task 1 alone (process 0 never listens on the derived port): a bounded error naming process 0."""
+  for k in list(os.environ):
+    if k not in _without_launchers(dict(os.environ)):
+      monkeypatch.delenv(k)
+  for k, v in _slurm_env(_slurm_job_id(), 1).items():
+    monkeypatch.setenv(k, v)
+  start = time.monotonic()
+  with pytest.raises(distributed.DistributedInitError, match="with process 0 at localhost:6"):
+    distributed.initialize(None, timeout_s=1.5)
+  assert time.monotonic() - start < 5.0
+
+
+def test_auto_outside_a_cluster_is_refused(monkeypatch):
+  """No launcher's variables: ``--coordinator auto`` refuses with a hint instead of guessing an address."""
+  import argparse
+
+  from experiments import run
+  for k in list(os.environ):
+    if k not in _without_launchers(dict(os.environ)) or k == "KUBERNETES_SERVICE_HOST":
+      monkeypatch.delenv(k)
+  with pytest.raises(distributed.DistributedInitError, match="found no SLURM / Open MPI / TPU pod settings"):
+    run._join(argparse.Namespace(coordinator="auto", num_processes=None, process_id=None, init_timeout=1.0))
+
+
 # --- the CLI across processes -----------------------------------------------------------------------
 
 # Two FSDD digits on 4 speaker-nodes (2 per process, no padded clients), narrow heads, an evaluation and
@@ -265,3 +401,5 @@ def test_cli_missing_peer_exits_2_with_one_line(tmp_path):
 
 if __name__ == "__main__" and sys.argv[1:2] == ["child"]:
   child(sys.argv[2], int(sys.argv[3]), sys.argv[4])
+if __name__ == "__main__" and sys.argv[1:2] == ["slurm-child"]:
+  slurm_child()

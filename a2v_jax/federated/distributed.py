@@ -13,11 +13,14 @@ therefore first meets every peer over a plain TCP socket next to the coordinator
 deadline, and raises ``DistributedInitError`` naming the processes that did not arrive. Only then does it
 call ``jax.distributed.initialize``, which then finds everyone present. A peer that dies later is caught
 by JAX's heartbeat (``heartbeat_timeout_s``), which terminates the survivors instead of letting them hang.
+Under a cluster launcher (``--coordinator auto``) the same meeting happens on the coordinator's port itself,
+which JAX derives from the job (``detect_job``), before JAX's service takes that port over.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import os
 import socket
 import time
 from typing import Any, Optional, Sequence
@@ -30,6 +33,17 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from a2v_jax.federated import sharding
 
 _HELLO = b"A2V-RDV1"
+
+# What to check when the rendezvous fails, by who chose the address: the user (--coordinator HOST:PORT) or
+# a cluster launcher that JAX read (--coordinator auto). (process 0's advice, every other process's advice)
+_ADVICE = {
+    False: ("Start every process with the same --coordinator and --num-processes, or raise the timeout if some "
+            "hosts start late.",
+            "is process 0 running with the same --coordinator?"),
+    True: ("Did the launcher start every task of the job (SLURM_NTASKS / Open MPI / TPU workers)? Raise the "
+           "timeout if some hosts start late.",
+           "is process 0 running, and is the coordinator's port reachable from this host?"),
+}
 
 
 class DistributedInitError(RuntimeError):
@@ -55,11 +69,14 @@ def _recv_line(conn: socket.socket, deadline: float) -> bytes:
 
 
 def rendezvous(coordinator: str, num_processes: int, process_id: int, timeout_s: float,
-               port_offset: int = 1) -> None:
+               port_offset: int = 1, *, detected: bool = False) -> None:
   """Waits until all ``num_processes`` processes have reached this call, or raises within ``timeout_s``.
 
   Process 0 listens on the coordinator's host at ``port + port_offset``; every other process connects
-  to it and waits for the go. Mismatched process counts or duplicate ids are refused.
+  to it and waits for the go. Mismatched process counts or duplicate ids are refused. ``port_offset=0``
+  (the coordinator's own port) is safe: the port is free again once this returns, and the peers close
+  their connections first, so no TIME_WAIT is left on process 0's side of it.
+  ``detected``: the job's settings came from a cluster launcher (worded advice only).
 
   Raises:
     DistributedInitError: a peer did not arrive (or process 0 is not there) before the deadline.
@@ -71,13 +88,14 @@ def rendezvous(coordinator: str, num_processes: int, process_id: int, timeout_s:
   host, port = _split(coordinator)
   port += port_offset
   deadline = time.monotonic() + timeout_s
+  lead_advice, follow_advice = _ADVICE[detected]
   if process_id == 0:
-    _lead(host, port, num_processes, deadline, timeout_s)
+    _lead(host, port, num_processes, deadline, timeout_s, lead_advice)
   else:
-    _follow(host, port, num_processes, process_id, deadline, timeout_s)
+    _follow(host, port, num_processes, process_id, deadline, timeout_s, follow_advice)
 
 
-def _lead(host: str, port: int, n: int, deadline: float, timeout_s: float) -> None:
+def _lead(host: str, port: int, n: int, deadline: float, timeout_s: float, advice: str) -> None:
   server = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
   server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
   peers: dict[int, socket.socket] = {}
@@ -95,8 +113,7 @@ def _lead(host: str, port: int, n: int, deadline: float, timeout_s: float) -> No
           conn.sendall(b"FAIL " + ",".join(map(str, missing)).encode() + b"\n")
         raise DistributedInitError(
             f"process 0 waited {timeout_s:g} s for {n - 1} peer(s) at port {port}; process(es) {missing} never "
-            "arrived. Start every process with the same --coordinator and --num-processes, or raise the "
-            "timeout if some hosts start late.")
+            f"arrived. {advice}")
       server.settimeout(left)
       try:
         conn, _ = server.accept()
@@ -117,13 +134,29 @@ def _lead(host: str, port: int, n: int, deadline: float, timeout_s: float) -> No
       peers[pid] = conn
     for conn in peers.values():
       conn.sendall(b"GO\n")
+    _await_close(peers.values(), time.monotonic() + 2.0)
   finally:
     for conn in peers.values():
       conn.close()
     server.close()
 
 
-def _follow(host: str, port: int, n: int, pid: int, deadline: float, timeout_s: float) -> None:
+def _await_close(conns, deadline: float) -> None:
+  """Waits (until ``deadline`` at most) for each peer to close its end after the go.
+
+  Why: the side that closes a TCP connection first keeps it in TIME_WAIT; leaving that to the peers keeps
+  process 0's listening port clean for JAX's coordinator when the rendezvous used that very port.
+  """
+  for conn in conns:
+    try:
+      conn.settimeout(max(deadline - time.monotonic(), 0.01))
+      while conn.recv(256):
+        pass
+    except OSError:  # timed out or reset: close from this side then, nothing else is at stake
+      pass
+
+
+def _follow(host: str, port: int, n: int, pid: int, deadline: float, timeout_s: float, advice: str) -> None:
   last_error: Optional[Exception] = None
   while time.monotonic() < deadline:
     try:
@@ -147,7 +180,7 @@ def _follow(host: str, port: int, n: int, pid: int, deadline: float, timeout_s: 
                                "(process ids listed after FAIL never arrived)")
   raise DistributedInitError(
       f"process {pid} could not complete the rendezvous with process 0 at {host}:{port} within {timeout_s:g} s "
-      f"(last error: {last_error}); is process 0 running with the same --coordinator?")
+      f"(last error: {last_error}); {advice}")
 
 
 def initialize(coordinator: Optional[str], num_processes: Optional[int] = None, process_id: Optional[int] = None,
@@ -156,26 +189,57 @@ def initialize(coordinator: Optional[str], num_processes: Optional[int] = None, 
   """Joins a multi-process job; raises ``DistributedInitError`` (never hangs) if a peer is missing.
 
   Args:
-    coordinator: ``host:port`` of process 0 (the rendezvous uses ``port + 1`` too). None lets JAX detect
-      the cluster (SLURM, Open MPI, TPU pod slices) and skips the rendezvous: there the launcher starts
-      every process together, and a missing one aborts the job after ``timeout_s``.
+    coordinator: ``host:port`` of process 0 (the rendezvous uses ``port + 1`` too). None: the job's
+      settings come from the cluster launcher as JAX detects them (``detect_job``: SLURM, Open MPI, TPU
+      pod slices), and the rendezvous uses the detected coordinator's own port.
     num_processes: processes in the job (None with cluster detection).
     process_id: this process's index in ``[0, num_processes)`` (None with cluster detection).
     timeout_s: how long to wait for every peer.
     heartbeat_timeout_s: after start-up, a peer silent this long stops the job (JAX terminates the
       survivors rather than leaving them blocked in a collective).
-    local_device_ids: devices of this host to use (None = all).
-    preflight: meet over our own socket first (see the module docstring); disable where only the
-      coordinator's port is reachable (then a missing peer aborts the process after ``timeout_s``).
+    local_device_ids: devices of this host to use (None = all, except that JAX gives each SLURM / Open MPI
+      task on GPUs only the GPU of its local rank).
+    preflight: meet over our own socket first (see the module docstring). An explicit coordinator's
+      meeting needs ``port + 1`` too: disable it where only the coordinator's port is reachable (a missing
+      peer then aborts the process after ``timeout_s``). A detected one meets on the coordinator's port.
+
+  Raises:
+    DistributedInitError: a peer (or process 0) did not arrive within ``timeout_s``.
+    ValueError: a malformed address or id, or (``coordinator=None``) no cluster environment detected.
   """
   if coordinator is not None and (num_processes is None or process_id is None):
     raise ValueError("an explicit coordinator needs num_processes and process_id")
   if coordinator is not None and preflight:
     rendezvous(coordinator, num_processes, process_id, timeout_s)
+  elif coordinator is None and preflight:
+    coordinator, num_processes, process_id = detect_job(num_processes, process_id, timeout_s)
+    rendezvous(coordinator, num_processes, process_id, timeout_s, port_offset=0, detected=True)
   jax.distributed.initialize(coordinator_address=coordinator, num_processes=num_processes,
                              process_id=process_id, local_device_ids=local_device_ids,
                              initialization_timeout=max(int(timeout_s), 1),
                              heartbeat_timeout_seconds=heartbeat_timeout_s)
+
+
+def detect_job(num_processes: Optional[int] = None, process_id: Optional[int] = None,
+               timeout_s: float = 60.0) -> tuple[str, int, int]:
+  """The coordinator address, process count and process id ``jax.distributed.initialize`` would detect.
+
+  Why ask JAX's own detector (SLURM, Open MPI, TPU pod slices, Kubernetes; ``JAX_COORDINATOR_ADDRESS``
+  and ``JAX_COORDINATOR_PORT`` honoured, given values kept) rather than read the launcher's variables
+  here: the rendezvous must meet exactly where JAX's coordinator will be, and passing the result to
+  ``jax.distributed.initialize`` leaves it nothing different to detect. ``local_device_ids`` is left to
+  JAX (it gives each SLURM / Open MPI task the one GPU of its local rank).
+
+  Raises:
+    ValueError: no known cluster environment (or one that does not say everything).
+  """
+  from jax._src import clusters  # the detector jax.distributed.initialize calls; pinned jax version
+  address, count, pid, _ = clusters.ClusterEnv.auto_detect_unset_distributed_params(
+      os.environ.get("JAX_COORDINATOR_ADDRESS"), num_processes, process_id, None, None, max(int(timeout_s), 1))
+  if address is None or count is None or pid is None:
+    raise ValueError("no cluster environment detected (coordinator_address, num_processes or process_id "
+                     "undefined)")
+  return address, count, pid
 
 
 def process_clients(num_clients: int, mesh: Mesh) -> slice:
