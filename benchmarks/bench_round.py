@@ -6,8 +6,10 @@ Cases (issue #7):
   a        cross-device: 1000 clients x 2 local steps of batch 2, short token sequences (the config's pooled
            length). Target: >= 10x the rounds/s of the sequential torch reference.
   b        cross-silo: 100 clients x 5 steps x batch 8 x 146 tokens, the config's heads. Targets: local
-           training FLOP rate >= 60 % of a plain 2048^3 fp32 ``jnp.dot`` measured between the same rounds,
-           and >= 2x the torch reference (also timed: torch with the reference's AST forward per epoch).
+           training FLOP rate >= 60 % of the matmul rate measured between the same rounds with plain fp32
+           ``jnp.dot``s, both of 2048^3 and of one client step's own shapes (the issue's "plain jnp.dot of
+           similar shapes"), each judged; and >= 2x the torch reference (also timed: torch with the
+           reference's AST forward per epoch).
   b-wide   case b (50 clients, to stay within ~5 minutes) with heads whose matmuls are wide enough to be
            compute-bound (768-wide features, as the real AST; adapters 768 -> 256 -> 256 -> 128): shows how
            the FLOP fraction and the torch ratio depend on the widths.
@@ -15,7 +17,7 @@ Cases (issue #7):
 
 FLOPs are counted analytically (matmuls, forward + 2x for backward, real samples only; see
 ``experiments.scaling.forward_flops_per_sample``); XLA's own count of one client step is recorded beside it.
-The machine is shared: rounds of every backend and of the matmul yardstick are interleaved, and process
+The machine is shared: rounds of every backend and of the matmul yardsticks are interleaved, and process
 CPU seconds are reported beside wall seconds.
 """
 
@@ -46,10 +48,11 @@ CASES: dict[str, dict[str, Any]] = {
           "targets": {"speedup_vs_torch": 10.0}},
     "b": {"title": "cross-silo: 100 clients x 5 steps x batch 8 x 146 tokens", "clients": [100],
           "workload": {"samples_per_client": 40, "batch_size": 8, "local_epochs": 1, "tokens": 146},
-          "targets": {"fraction_of_matmul": 0.6, "speedup_vs_torch": 2.0}, "baseline": "both"},
+          "targets": {"fraction_of_matmul": 0.6, "fraction_of_step_matmul": 0.6, "speedup_vs_torch": 2.0},
+          "baseline": "both"},
     "b-wide": {"title": "cross-silo, wide heads (768 -> 256 -> 256 -> 128), 50 clients", "clients": [50], **WIDE,
                "workload": {"samples_per_client": 40, "batch_size": 8, "local_epochs": 1, "tokens": 146},
-               "targets": {"fraction_of_matmul": 0.6, "speedup_vs_torch": 2.0}},
+               "targets": {"fraction_of_matmul": 0.6, "fraction_of_step_matmul": 0.6, "speedup_vs_torch": 2.0}},
 }
 
 
@@ -92,7 +95,7 @@ def run_case(name: str, rounds: int, warmup: int, log=print) -> dict[str, Any]:
   rows = scaling.study(cfg, case["clients"], wl, rounds=rounds, warmup=warmup, baseline=case.get("baseline", "torch"),
                        yardstick=True, log=log)
   by = {r["backend"]: r for r in rows}
-  jx, tr, mm = by["jax"], by["torch"], by["matmul"]
+  jx, tr, mm, ms = by["jax"], by["torch"], by["matmul"], by["matmul@step"]
   cfg_b = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, batch_size=wl["batch_size"]))
   steps = -(-wl["samples_per_client"] // wl["batch_size"]) * wl["local_epochs"] * case["clients"][0]
   result = {
@@ -103,6 +106,9 @@ def run_case(name: str, rounds: int, warmup: int, log=print) -> dict[str, Any]:
       "matmul_gflop_s": mm["train_gflop_s"], "jax_gflop_s": jx["train_gflop_s"],
       "fraction_of_matmul": jx["train_gflop_s"] / mm["train_gflop_s"],
       "fraction_of_matmul_cpu_time": jx["train_gflop_per_cpu_s"] / mm["train_gflop_per_cpu_s"],
+      "step_matmul_gflop_s": ms["train_gflop_s"],
+      "fraction_of_step_matmul": jx["train_gflop_s"] / ms["train_gflop_s"],
+      "fraction_of_step_matmul_cpu_time": jx["train_gflop_per_cpu_s"] / ms["train_gflop_per_cpu_s"],
       "torch_gflop_s": tr["train_gflop_s"],
       "speedup_vs_torch_ast": by["torch+ast"]["round_s"] / jx["round_s"] if "torch+ast" in by else None,
       "analytic_gflop_per_round": jx["train_gflop_per_round"],
@@ -111,7 +117,7 @@ def run_case(name: str, rounds: int, warmup: int, log=print) -> dict[str, Any]:
   }
   # Judged on the smaller of the wall-time and CPU-time ratios: under a loaded machine either can flatter.
   judged = {"speedup_vs_torch": min(result["speedup_vs_torch"], result["speedup_vs_torch_cpu_time"]),
-            "fraction_of_matmul": min(result["fraction_of_matmul"], result["fraction_of_matmul_cpu_time"])}
+            **{k: min(result[k], result[k + "_cpu_time"]) for k in ("fraction_of_matmul", "fraction_of_step_matmul")}}
   result["judged"] = judged
   result["met"] = {k: judged[k] >= v for k, v in case["targets"].items()}
   return result
@@ -136,7 +142,8 @@ def compile_scaling(counts=(1, 10, 100, 1000, 10000), log=print) -> list[dict[st
 
 def summary(results: list[dict[str, Any]]) -> str:
   lines = [f"{'case':<8}{'JAX s/round':>12}{'torch s/round':>14}{'speed-up':>10}{'(CPU s)':>9}{'vs +AST':>9}"
-           f"{'JAX GFLOP/s':>12}{'matmul':>8}{'fraction':>9}{'(CPU s)':>9}  targets"]
+           f"{'JAX GFLOP/s':>12}{'2048^3':>8}{'fraction':>9}{'(CPU s)':>9}{'step mm':>8}{'fraction':>9}{'(CPU s)':>9}"
+           "  targets"]
   for r in results:
     by = {row["backend"]: row for row in r["rows"]}
     met = ", ".join(f"{k} >= {v:g}: {'met' if r['met'][k] else 'MISSED'}" for k, v in r["targets"].items())
@@ -144,7 +151,8 @@ def summary(results: list[dict[str, Any]]) -> str:
                  f"{r['speedup_vs_torch']:>9.1f}x{r['speedup_vs_torch_cpu_time']:>8.1f}x"
                  + (f"{r['speedup_vs_torch_ast']:>8.1f}x" if r.get("speedup_vs_torch_ast") else f"{'-':>9}") +
                  f"{r['jax_gflop_s']:>12.1f}{r['matmul_gflop_s']:>8.0f}{r['fraction_of_matmul']:>9.0%}"
-                 f"{r['fraction_of_matmul_cpu_time']:>9.0%}  {met}")
+                 f"{r['fraction_of_matmul_cpu_time']:>9.0%}{r['step_matmul_gflop_s']:>8.0f}"
+                 f"{r['fraction_of_step_matmul']:>9.0%}{r['fraction_of_step_matmul_cpu_time']:>9.0%}  {met}")
   return "\n".join(lines)
 
 

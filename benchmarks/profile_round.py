@@ -70,13 +70,7 @@ def profile(case: str, clients: int, reps: int) -> list[dict[str, Any]]:
 
   # The step's matmuls alone, same shapes: per Dense (in -> out) over its rows (B*T tokens for the
   # adapter, projection and kv; B*K latents for the rest), forward plus the two backward products.
-  k_of = {br: (1 if len(s) == 1 else s[0]) for br, s in wl["target_shapes"].items()}
-  dense = []
-  for path, v in jax.tree_util.tree_leaves_with_path(params):
-    name = jax.tree_util.keystr(path)
-    if v.ndim == 2 and "kernel" in name:
-      on_tokens = "adapter" in name or "'kv'" in name or "'projection']['projection']" in name
-      dense.append((b * t if on_tokens else b * k_of[name.split("'")[1]], v.shape[0], v.shape[1]))
+  dense = [(b * m, i, o) for m, i, o in scaling.dense_shapes(heads, t, d)]
 
   def matmuls(ws, xs, gs):
     acc = 0.0

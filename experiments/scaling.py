@@ -16,8 +16,10 @@ RSS (a sampling thread), device peak memory when the backend reports it, bytes p
 and XLA's buffer figure, and analytic training FLOP/s. ``--baseline torch`` times the sequential torch
 reference (``a2v_jax.baselines.torch_reference``: one model copy and AdamW per branch per client, FedAvg of
 state dicts) on the same data, from the same initial weights, in the same process; ``both`` adds the
-reference's AST forward of every sample in every epoch; ``--yardstick`` times a plain 2048^3 matmul between
-the rounds. torch gets as many intra-op threads as the JAX CPU client (the cores we may use).
+reference's AST forward of every sample in every epoch; ``--yardstick`` times, between the rounds, a plain
+2048^3 matmul (backend ``matmul``) and the plain dots of one client step's own shapes (``matmul@step``: what
+plain matmuls reach at these widths). torch gets as many intra-op threads as the JAX CPU client (the cores we
+may use).
 
 The CLI restarts itself once with ``ALLOCATOR_ENV`` (glibc settings that keep XLA's freed buffers mapped;
 see there) unless ``--system-allocator`` is given.
@@ -46,11 +48,12 @@ from a2v_jax import config as config_lib  # noqa: E402
 from a2v_jax import memory  # noqa: E402
 from a2v_jax.config import Config  # noqa: E402
 from experiments.scalestudy.report import table, write_outputs  # noqa: E402
-from experiments.scalestudy.runners import JaxRunner, MatmulRunner, PeakRSS, TorchRunner  # noqa: E402,F401
+from experiments.scalestudy.runners import (JaxRunner, MatmulRunner, PeakRSS, StepShapesMatmulRunner,  # noqa: E402,F401
+                                            TorchRunner)
 from experiments.scalestudy.timing import largest_clients, study, time_point  # noqa: E402,F401
 from experiments.scalestudy.workload import (REFERENCE_PRESET, REFERENCE_SHAPES, Data, Workload,  # noqa: E402,F401
-                                             cpu_threads, forward_flops_per_sample, replicated_init, round_data,
-                                             synthetic_data, train_flops_per_round, workload_dims)
+                                             cpu_threads, dense_shapes, forward_flops_per_sample, replicated_init,
+                                             round_data, synthetic_data, train_flops_per_round, workload_dims)
 
 # glibc returns every large buffer to the kernel when it is freed, so each round of the JAX program
 # page-faults its ~GB of XLA temporaries in again (measured: 480 k minor faults and 0.9 s of system
@@ -87,7 +90,7 @@ def parse_args(argv=None) -> argparse.Namespace:
   p.add_argument("--chunk", type=int, default=None, help="client_chunk_size (default: the plan's choice)")
   p.add_argument("--largest-within-gb", type=float, default=None,
                  help="only report the largest client count whose compiled round fits this many GiB")
-  p.add_argument("--yardstick", action="store_true", help="time a 2048^3 matmul between the rounds")
+  p.add_argument("--yardstick", action="store_true", help="time a 2048^3 matmul and plain dots of the step's shapes between the rounds")
   p.add_argument("--system-allocator", action="store_true",
                  help="keep glibc's default malloc settings (no restart with ALLOCATOR_ENV)")
   p.add_argument("--out", default="benchmarks/results/scaling")

@@ -1,7 +1,7 @@
 """The study's backends, each with ``setup()``, ``round(r)`` and ``info()``: the jitted vmapped JAX round
 (planned and compiled before anything is allocated), the sequential torch reference on the same data
 and initial weights (optionally with the reference's AST forward per sample and epoch), and a plain
-matmul as the machine's yardstick."""
+matmul as the machine's yardstick, at 2048^3 and at the step's own shapes."""
 
 from __future__ import annotations
 
@@ -19,8 +19,8 @@ from a2v_jax.config import Config
 from a2v_jax.federated import engine, optim
 from a2v_jax.federated.local import Shared
 from a2v_jax.models.heads import make_heads
-from experiments.scalestudy.workload import (Data, Workload, cpu_threads, replicated_init, round_data,
-                                             train_flops_per_round)
+from experiments.scalestudy.workload import (Data, Workload, cpu_threads, dense_shapes, replicated_init,
+                                             round_data, train_flops_per_round)
 
 class PeakRSS:
   """Peak resident set size of this process while the context is open (a 5 ms sampling thread)."""
@@ -66,7 +66,8 @@ class JaxRunner:
     apply_fn = lambda p, x: heads.apply({"params": p}, x)
     init_fn = lambda k: heads.init(k, jnp.zeros((1,) + token_shape))["params"]
     fp = memory.client_footprint(apply_fn, init_fn, optim.client_optimizer(cfg), token_shape, w.batch_size,
-                                 w.target_shapes)
+                                 w.target_shapes, drift_correction=cfg.federation.local_drift_correction,
+                                 fedprox_mu=cfg.federation.fedprox_mu)
     fixed = data.features.nbytes + sum(t.nbytes for t in data.targets.values()) + data.rows.nbytes
     budget = (budget or memory.budget_bytes()) - data.features.nbytes - torch_copies * w.num_clients * fp.params
     self.plan = memory.plan(fp, w.num_clients, budget, fixed, chunk or cfg.federation.client_chunk_size)
@@ -194,6 +195,41 @@ class MatmulRunner:
 
   def info(self) -> dict[str, Any]:
     return {"matmul_n": self.n}
+
+
+class StepShapesMatmulRunner:
+  """The yardstick at the workload's own shapes: the plain fp32 ``jnp.dot`` products of one client's
+  local step (every Dense layer's forward, input-gradient and weight-gradient product, at B x rows by
+  in x out), one jitted program called ``reps`` times.
+
+  Why beside the 2048^3 one: a 2048^3 product is the machine's best case, but heads 32-128 wide
+  contract over 32-128 and no BLAS reaches that rate there. This runner says what plain dots of the
+  step's shapes reach on the same machine under the same load. ``reps`` is sized to about the FLOPs of the 2048^3 yardstick (at most ``max_reps``
+  calls, so tiny shapes time the dispatch of each call too).
+  """
+  backend = "matmul@step"
+
+  def __init__(self, w: Workload, heads, target_flops: float = 4 * 2 * 2048 ** 3, max_reps: int = 2000):
+    self.w = w
+    self.shapes = [(w.batch_size * m, i, o) for m, i, o in dense_shapes(heads, w.tokens, w.feature_dim)]
+    per_call = sum(6 * m * i * o for m, i, o in self.shapes)
+    self.reps = int(min(max_reps, max(1, round(target_flops / per_call))))
+    self.flops, self.samples = self.reps * per_call, 0
+
+  def setup(self) -> None:
+    keys = jax.random.split(jax.random.PRNGKey(0), 3 * len(self.shapes))
+    self.args = [(jax.random.normal(keys[3 * j], (m, i)), jax.random.normal(keys[3 * j + 1], (i, o)),
+                  jax.random.normal(keys[3 * j + 2], (m, o))) for j, (m, i, o) in enumerate(self.shapes)]
+    self.step = jax.jit(lambda args: [(jnp.dot(x, k), jnp.dot(g, k.T), jnp.dot(x.T, g)) for x, k, g in args])
+    _block(self.step(self.args))
+
+  def round(self, r: int) -> None:
+    for _ in range(self.reps):
+      out = self.step(self.args)
+    _block(out)
+
+  def info(self) -> dict[str, Any]:
+    return {"matmul_reps": self.reps, "matmul_shapes": [list(s) for s in self.shapes]}
 
 
 def _block(tree):

@@ -12,7 +12,7 @@ import numpy as np
 
 from a2v_jax import memory
 from a2v_jax.config import Config
-from experiments.scalestudy.runners import JaxRunner, MatmulRunner, PeakRSS, TorchRunner
+from experiments.scalestudy.runners import JaxRunner, MatmulRunner, PeakRSS, StepShapesMatmulRunner, TorchRunner
 from experiments.scalestudy.workload import Workload, synthetic_data
 
 def time_point(runners: Sequence[Any], *, rounds: int, warmup: int) -> list[dict[str, Any]]:
@@ -65,8 +65,9 @@ def study(cfg: Config, clients: Sequence[int], workload: dict[str, Any], *, roun
     baseline: "torch", "both" (adds the AST forward per sample and epoch) or "none".
     budget: memory budget in bytes (default: what the device or host has available).
     chunk: client_chunk_size (default: the memory plan's choice).
-    yardstick: also time a plain 2048^3 matmul between the rounds (``MatmulRunner``), so FLOP rates
-      can be compared with the machine's under the same load.
+    yardstick: also time, between the rounds, a plain 2048^3 matmul (``MatmulRunner``) and plain dots
+      of one client step's own shapes (``StepShapesMatmulRunner``), so FLOP rates can be compared with
+      the machine's under the same load.
   """
   base = dict(workload)
   cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, batch_size=base["batch_size"],
@@ -87,10 +88,10 @@ def study(cfg: Config, clients: Sequence[int], workload: dict[str, Any], *, roun
     log(f"  jax: {jax_run.plan.describe()}; compiled in {jax_run.compile_s:.1f} s")
     runners = [jax_run] + [TorchRunner(cfg, w, data, lambda: jax_run.params0, with_ast=a, seed=seed)
                            for a in {"torch": [False], "both": [False, True], "none": []}[baseline]]
-    runners += [MatmulRunner(w)] if yardstick else []
+    runners += [MatmulRunner(w), StepShapesMatmulRunner(w, jax_run.heads)] if yardstick else []
     point = time_point(runners, rounds=rounds, warmup=warmup)
     for row in point[1:]:
-      if row["backend"] == "matmul":
+      if row["backend"].startswith("matmul"):
         continue
       row["slowdown_vs_jax"] = row["round_s"] / point[0]["round_s"]
       row["cpu_slowdown_vs_jax"] = row["cpu_s_per_round"] / point[0]["cpu_s_per_round"]

@@ -128,19 +128,29 @@ def replicated_init(cfg: Config, init_fn: Callable, num_clients: int,
   return server, clients
 
 
-def forward_flops_per_sample(heads, tokens: int, feature_dim: int) -> int:
-  """Matmul FLOPs (2 per multiply-add) of one sample's forward pass through every branch."""
-  total = 0
+def dense_shapes(heads, tokens: int, feature_dim: int) -> list[tuple[int, int, int]]:
+  """(rows per sample, in, out) of every Dense matmul of one sample's forward pass through every branch.
+
+  Rows are the T tokens for the adapter, the MAPBlock's input projection and its keys / values, and the
+  K latents for the rest (queries, output projection, SwishGLU MLP).
+  """
+  shapes = []
   for b, shape in heads.branch_shapes.items():
-    d = shape[-1]
+    d, r = shape[-1], heads.mlp_ratio
     k = 1 if len(shape) == 1 else shape[0]
     widths = [feature_dim, *heads.hidden[b], d]
-    adapter = sum(2 * tokens * a * c for a, c in zip(widths[:-1], widths[1:]))
-    r = heads.mlp_ratio
-    total += adapter + 2 * tokens * d * d + 2 * tokens * d * 2 * d  # projection, kv
-    total += 2 * k * d * d + 4 * k * tokens * d + 2 * k * d * d    # q, attention, proj_out
-    total += 2 * k * d * 2 * r * d + 2 * k * r * d * d              # SwishGLU MLP
-  return total
+    shapes += [(tokens, a, c) for a, c in zip(widths[:-1], widths[1:])]  # adapter
+    shapes += [(tokens, d, d), (tokens, d, 2 * d)]                          # projection, kv
+    shapes += [(k, d, d), (k, d, d)]                                        # q, proj_out
+    shapes += [(k, d, 2 * r * d), (k, r * d, d)]                            # SwishGLU MLP
+  return shapes
+
+
+def forward_flops_per_sample(heads, tokens: int, feature_dim: int) -> int:
+  """Matmul FLOPs (2 per multiply-add) of one sample's forward pass through every branch: the Dense
+  layers and the attention's two batched products (scores and weighted values)."""
+  attention = sum(4 * (1 if len(s) == 1 else s[0]) * tokens * s[-1] for s in heads.branch_shapes.values())
+  return sum(2 * m * i * o for m, i, o in dense_shapes(heads, tokens, feature_dim)) + attention
 
 
 def train_flops_per_round(heads, w: Workload) -> int:
