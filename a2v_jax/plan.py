@@ -96,11 +96,17 @@ def collect_plan(cfg: Config) -> tuple[list[str], list[str]]:
       total = sum(counts.values())
       pbytes = _BYTES[cfg.experiment.param_dtype]
       clients = 1 if cfg.federation.adapter_aggregation_mode == "centralised" else cfg.data.num_nodes
-      # params + grads + AdamW moments (2) per client, f32 optimiser state.
-      state = clients * total * (pbytes + 4 * 3)
+      # params + grads + AdamW moments (2) per client, f32 optimiser state; plus the drift correction's
+      # params copies per client (as a2v_jax.memory.client_footprint counts them): FedProx's anchor,
+      # SCAFFOLD's control, gradient sum and correction.
+      fed = cfg.federation
+      copies = {"fedprox": int(fed.fedprox_mu > 0), "scaffold": 3}.get(fed.local_drift_correction, 0)
+      state = clients * total * (pbytes + 4 * 3 + copies * pbytes)
+      drift = f" with {copies} {fed.local_drift_correction} params cop{'y' if copies == 1 else 'ies'} each" \
+          if copies else ""
       feats = (len(nodes.clipset) if nodes else 0) * token_shape[0] * token_shape[1] * 4
       lines.append(f"trainable parameters per node: {total:,} ({counts}); targets {shapes}")
-      lines.append(f"estimated device memory: client state {_fmt_bytes(state)} for {clients} client(s) "
+      lines.append(f"estimated device memory: client state {_fmt_bytes(state)} for {clients} client(s){drift} "
                    f"+ features {_fmt_bytes(feats)} (+ activations of one batch per client)")
     except Exception as e:
       problems.append(f"heads: {e}")

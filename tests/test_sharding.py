@@ -12,10 +12,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _problem(num_clients: int):
+def _problem(num_clients: int, extra: tuple[str, ...] = ()):
   import jax
   import jax.numpy as jnp
 
@@ -25,7 +27,7 @@ def _problem(num_clients: int):
   from experiments import scaling
 
   cfg = config.load(None, ['adapter_aggregation_mode="avg"', "local_epochs=2", "batch_size=4",
-                           "clip_adapter_hidden=[16]", "t5_adapter_hidden=[16]", "map_heads=2"])
+                           "clip_adapter_hidden=[16]", "t5_adapter_hidden=[16]", "map_heads=2", *extra])
   w = scaling.Workload(num_clients=num_clients, samples_per_client=6, batch_size=4, local_epochs=2, tokens=5,
                        feature_dim=8, target_shapes={"clip": (4,), "t5": (3, 8)}, num_classes=4)
   heads = make_heads(cfg, w.target_shapes)
@@ -115,6 +117,42 @@ def test_memory_estimate_bounds_xla_and_refuses_before_allocating():
   chunk = memory.choose_chunk(fp, 1000, budget)
   assert chunk is not None and 1 <= chunk < 1000 and memory.round_bytes(fp, 1000, chunk) <= budget
   assert memory.choose_chunk(fp, 10, 1 << 40) is None
+
+
+@pytest.mark.parametrize("drift", ["none", "fedprox", "scaffold"])
+def test_memory_estimate_counts_drift_corrections(drift):
+  """FedProx's anchor and SCAFFOLD's controls are in the plan: it still bounds XLA's figure, all at once
+  and in chunks (where SCAFFOLD keeps every client's old control for the server's update), and
+  SCAFFOLD's persistent state is exactly one params pytree more than plain FedAvg's."""
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+
+  from a2v_jax import memory
+  from a2v_jax.federated import optim
+  from experiments import scaling
+  extra = (f'local_drift_correction="{drift}"', "fedprox_mu=0.1")
+  # All at once without a drift correction is test_memory_estimate_bounds_xla_and_refuses_before_allocating's.
+  for clients, chunk in ((48, 4),) + (((8, None),) if drift != "none" else ()):
+    cfg, w, _, _ = _problem(clients, extra)
+    run = scaling.JaxRunner(cfg, w, scaling.synthetic_data(w), budget=1 << 40, chunk=chunk)
+    assert run.plan.chunk == chunk
+    assert run.xla_bytes <= run.plan.estimated <= 2.0 * run.xla_bytes, (clients, chunk, run.plan.estimated,
+                                                                        run.xla_bytes)
+  fp, heads, token_shape = run.footprint, run.heads, (w.tokens, w.feature_dim)
+  plain = memory.client_footprint(lambda p, x: heads.apply({"params": p}, x),
+                                  lambda k: heads.init(k, jnp.zeros((1,) + token_shape))["params"],
+                                  optim.client_optimizer(cfg), token_shape, w.batch_size, w.target_shapes)
+  params = jax.eval_shape(run.init, jax.random.PRNGKey(0))[0].params  # one client's shapes
+  params_bytes = sum(int(np.prod(x.shape)) * np.dtype(x.dtype).itemsize for x in jax.tree.leaves(params))
+  assert fp.state - plain.state == (params_bytes if drift == "scaffold" else 0)
+  # While training: FedProx's anchor; SCAFFOLD's new control, gradient sum and correction.
+  assert fp.working - plain.working == {"none": 0, "fedprox": 1, "scaffold": 3}[drift] * params_bytes
+  # The refusal's "at most N clients" is the largest count whose one-at-a-time round fits.
+  budget = memory.round_bytes(fp, 100, 1) - 1
+  with pytest.raises(memory.MemoryPlanError, match="At most 99 clients fit per process") as err:
+    memory.plan(fp, 1000, budget)
+  assert ("SCAFFOLD control" in str(err.value)) == (drift == "scaffold")
 
 
 def test_chunked_round_holds_one_copy_of_the_client_state():
