@@ -19,6 +19,14 @@ refuses a checkpoint written for other classes, shapes or generator settings, li
 found against what it expected, before touching any array. ``latest`` is a convenience for people
 and tools: restores scan the round directories, so a Run 1 interrupted mid-save (a left-over
 temporary directory, a damaged later round) resumes from the latest complete round.
+
+Several processes (a multi-process run; the generators are replicated: every process holds the same
+state). Process 0 alone writes a round, between two barriers: before it, so no process is still
+scanning the directory (``start_run1`` refuses a root that already holds rounds); after it, so every
+process finds the round complete when the call returns. Restores read the same files on every process.
+Orbax is made process-local (``_checkpointer``): left to its defaults it would make every process join
+its saves and restores (barriers, one writer), which neither a save by process 0 alone nor restores
+of numpy leaves need.
 """
 
 from __future__ import annotations
@@ -40,6 +48,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from a2v_jax.config import GeneratorConfig
+from a2v_jax.federated import distributed
 from a2v_jax.federated.generator_training import GeneratorSpec, GenState, SlotLayout, abstract_arrays
 
 FORMAT = "a2v_jax/generators/v1"
@@ -48,6 +57,9 @@ STATE = "state"
 LATEST = "latest"
 _ROUND_RE = re.compile(r"^round_(\d+)$")
 log = logging.getLogger(__name__)
+# How long the other processes wait for process 0 to write a round (a generator round is small).
+SAVE_TIMEOUT_S = 1800
+_saves = 0  # saves so far in this process: every process saves in the same order, so barrier names agree
 
 
 class GeneratorCheckpointError(RuntimeError):
@@ -103,8 +115,15 @@ def _manifest(cfg: GeneratorConfig, state: GenState, round_num: int, extra: Opti
 
 def _checkpointer() -> ocp.Checkpointer:
   """A synchronous orbax checkpointer: a save has finished when it returns (our own rename then
-  publishes the round), and no background thread outlives the call."""
-  return ocp.Checkpointer(ocp.StandardCheckpointHandler())
+  publishes the round), and no background thread outlives the call.
+
+  In a multi-process run it involves this process only (orbax skips its barriers for a set of one):
+  saves run on process 0 alone and every process restores by itself (see the module docstring).
+  """
+  if jax.process_count() == 1:
+    return ocp.Checkpointer(ocp.StandardCheckpointHandler())
+  me = ocp.options.MultiprocessingOptions(primary_host=jax.process_index(), active_processes={jax.process_index()})
+  return ocp.Checkpointer(ocp.StandardCheckpointHandler(multiprocessing_options=me), multiprocessing_options=me)
 
 
 def _write_text(path: Path, text: str) -> None:
@@ -129,7 +148,21 @@ def save_generators(cfg: GeneratorConfig, state: GenState, round_num: int, *,
 
   Returns:
     The round directory. An existing directory of the same round is replaced.
+
+  Across processes every process calls this with the same (replicated) state; process 0 writes.
   """
+  if jax.process_count() == 1:
+    return _save(cfg, state, round_num, extra)
+  global _saves
+  _saves += 1
+  distributed.barrier(f"a2v_generators_save_{_saves}_begin", SAVE_TIMEOUT_S)
+  final = _save(cfg, state, round_num, extra) if jax.process_index() == 0 else round_dir(cfg, round_num)
+  distributed.barrier(f"a2v_generators_save_{_saves}_end", SAVE_TIMEOUT_S)
+  return final
+
+
+def _save(cfg: GeneratorConfig, state: GenState, round_num: int, extra: Optional[dict]) -> Path:
+  """The write itself: orbax into a temporary directory, the manifest, then renames (one writer)."""
   root = checkpoint_root(cfg)
   root.mkdir(parents=True, exist_ok=True)
   final = round_dir(cfg, round_num)

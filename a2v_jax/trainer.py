@@ -9,6 +9,13 @@ heads (``generator_only_mode`` runs generator rounds only); Run 2 (``use_pretrai
 restores them first (start-up errors before anything else), prepares without the AST and appends
 synthetic train rows to the features. ``adapter_aggregation_mode: kd`` distils the server heads after
 each round (``federated/kd.py``).
+
+Across processes only the heads' arrays are global (clients split over processes, server replicated).
+The generator stages are replicated instead: they are small (one generator per node / class slot), so
+every process computes them whole on its own devices, from the same features and keys, as
+process-local arrays; their outputs (synthetic rows, KD features) are the same on every process and
+enter the global arrays through ``Placement`` like everything else. Process 0 alone writes generator
+checkpoints (``generator_checkpoint``); every process reads them.
 """
 
 from __future__ import annotations
@@ -121,7 +128,7 @@ def start_pretrained(cfg: Config, prepared: Optional[Prepared], verbose: bool = 
   if verbose:
     print(f"Run 2: generators of round {rnd} restored from {gen_ckpt.round_dir(cfg.generators, rnd)} "
           f"({state.layout.num_slots} slot(s)); the AST is not used")
-  prepared = prepared or prepare(cfg, verbose, nodes=nodes, feature_cache_hint=extra.get("feature_cache"))
+  prepared = prepared or prepare_in_turn(cfg, verbose, nodes=nodes, feature_cache_hint=extra.get("feature_cache"))
   scale = generator_runs.FeatureScale.from_extra(extra, state.spec)
   length = generator_runs.check_features(cfg, state, prepared.features)
   counts = generator_runs.synthetic_counts(cfg, prepared.nodes)
@@ -202,32 +209,18 @@ def run_dir_for(cfg: Config) -> Path:
 PREPARE_TIMEOUT_S = 6 * 3600
 
 
-def check_multiprocess(cfg: Config) -> None:
-  """Refuses, on every process alike (so none is left waiting in a collective), what a multi-process
-  run does not support yet: the generator stages and KD train and checkpoint on one host."""
-  g = cfg.generators
-  unsupported = [name for name, on in (("use_generator", g.use_generator),
-                                       ("use_pretrained_generators", g.use_pretrained_generators),
-                                       ("generator_only_mode", g.generator_only_mode),
-                                       ("adapter_aggregation_mode 'kd'",
-                                        cfg.federation.adapter_aggregation_mode == "kd")) if on]
-  if unsupported:
-    raise TrainingError(f"{', '.join(unsupported)}: not supported in a multi-process run yet "
-                        f"({jax.process_count()} processes); run this config in one process (no --coordinator)")
-
-
-def prepare_in_turn(cfg: Config, verbose: bool = True) -> Prepared:
-  """``prepare`` on every process, process 0 first.
+def prepare_in_turn(cfg: Config, verbose: bool = True, **kwargs: Any) -> Prepared:
+  """``prepare`` (with ``kwargs``) on every process, process 0 first.
 
   Why in turn: processes that fill one feature or target cache (or write the tiny backbones) at the
   same time race on its final rename. Process 0 fills the caches while the others wait at a barrier;
   they then read them (on a filesystem the processes share; otherwise each host prepares its own).
   """
   if jax.process_count() == 1:
-    return prepare(cfg, verbose)
-  prepared = prepare(cfg, verbose) if jax.process_index() == 0 else None
+    return prepare(cfg, verbose, **kwargs)
+  prepared = prepare(cfg, verbose, **kwargs) if jax.process_index() == 0 else None
   distributed.barrier("a2v_prepare", PREPARE_TIMEOUT_S)
-  return prepared if prepared is not None else prepare(cfg, verbose=False)
+  return prepared if prepared is not None else prepare(cfg, verbose=False, **kwargs)
 
 
 def train_and_evaluate(cfg: Config, *, resume: bool = False, verbose: bool = True,
@@ -236,14 +229,13 @@ def train_and_evaluate(cfg: Config, *, resume: bool = False, verbose: bool = Tru
 
   Across processes (after ``distributed.initialize``) every process calls this with the same config:
   each feeds the clients its devices hold, all take part in the rounds, evaluations and orbax's
-  checkpoint saves and restores, and process 0 alone writes the run directory and prints.
+  checkpoint saves and restores, and process 0 alone writes the run directory and prints. Generator
+  stages and KD run replicated (module docstring).
   """
   run_dir = run_dir_for(cfg)
   g = cfg.generators
   primary = jax.process_index() == 0
   verbose = verbose and primary
-  if jax.process_count() > 1:
-    check_multiprocess(cfg)
   pretrained = None
   if g.use_pretrained_generators:  # Run 2: checkpoint problems surface before the run directory is touched
     prepared, pretrained = start_pretrained(cfg, prepared, verbose)
@@ -313,7 +305,7 @@ def train_and_evaluate(cfg: Config, *, resume: bool = False, verbose: bool = Tru
     run1_extra = generator_runs.run1_extra(cfg, prepared, run1)
   mode = cfg.federation.adapter_aggregation_mode
   kd = kd_lib.make_kd(cfg, apply_fn, cfg.train.batch_size) if mode == "kd" else None
-  kd_weights = jnp.asarray(lay.train_count > 0, jnp.float32)  # teacher: every real client, uniform
+  kd_weights = np.asarray(lay.train_count > 0, np.float32)  # teacher: every real client, uniform
 
   # Run 2: fresh synthetic rows before every round after the first (rows and labels keep their places).
   redraw = pretrained is not None and g.synthetic_resample_each_round
@@ -338,7 +330,7 @@ def train_and_evaluate(cfg: Config, *, resume: bool = False, verbose: bool = Tru
       extra_row.update(grow)
     if kd is not None:
       gens = (run1.state, run1.scale) if run1 is not None else (pretrained.state, pretrained.scale)
-      server, krow = kd_round(cfg, kd, server, clients, gens, kd_weights, int(token_shape[0]), r)
+      server, krow = kd_round(cfg, kd, server, clients, gens, kd_weights, int(token_shape[0]), r, place)
       server = place.replicated(server)
       extra_row.update(krow)
     if pretrained is not None:
@@ -394,19 +386,21 @@ def train_and_evaluate(cfg: Config, *, resume: bool = False, verbose: bool = Tru
   return summary
 
 
-def kd_round(cfg: Config, kd: kd_lib.KD, server, clients, gens: tuple[Any, Any], weights: jax.Array,
-             length: int, round_: int) -> tuple[Any, dict[str, float]]:
+def kd_round(cfg: Config, kd: kd_lib.KD, server, clients, gens: tuple[Any, Any], weights: np.ndarray,
+             length: int, round_: int, place: distributed.Placement) -> tuple[Any, dict[str, float]]:
   """KD stage of a round: fresh per-class generator features, teachers once, distil the server heads.
 
-  ``gens`` = (generator state, its FeatureScale).
+  ``gens`` = (generator state, its FeatureScale), the same on every process: the KD features are drawn
+  on each process's own devices and enter the heads' programs as replicated inputs (``place``).
   """
   key = jax.random.fold_in(generator_runs.run_key(cfg, generator_runs.KD_SALT), round_)
   x, mask = generator_runs.kd_features(*gens, key, cfg.federation.kd_samples_per_class, length,
                                        cfg.train.batch_size)
-  x, mask = jnp.asarray(x), jnp.asarray(mask)
+  samples = int(np.asarray(mask).sum())
+  x, mask, weights, dkey = place.inputs((x, mask, weights, jax.random.fold_in(key, 1)), clients=False)
   teacher = kd.teacher(clients.params, weights, x)
-  params, metrics = kd.distill(server.params, x, mask, teacher, jax.random.fold_in(key, 1))
-  metrics = jax.device_get(metrics)
+  params, metrics = kd.distill(server.params, x, mask, teacher, dkey)
+  metrics = place.host(metrics)
   row = {}
   for k, v in metrics.items():
     if not np.all(np.isfinite(v)):
@@ -417,7 +411,7 @@ def kd_round(cfg: Config, kd: kd_lib.KD, server, clients, gens: tuple[Any, Any],
       row[f"server/{k[:-len('_epoch_loss')]}_last_epoch_loss"] = float(v[-1])
     else:
       row[f"server/{k}"] = float(v)
-  row["server/kd_samples"] = int(np.asarray(mask).sum())
+  row["server/kd_samples"] = samples
   return server.replace(params=params), row
 
 

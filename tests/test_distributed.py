@@ -8,6 +8,7 @@ each with 2 CPU devices, so the 'clients' mesh spans 4 devices on 2 processes. T
 variables JAX's SLURM detection reads, no real SLURM, Open MPI or TPU.
 """
 
+import dataclasses
 import errno
 import json
 import os
@@ -344,7 +345,7 @@ def _assert_rows_close(got: list[dict], want: list[dict]) -> None:
   for g, w in zip(got, want):
     assert g.keys() == w.keys()
     for k in w:
-      if k != "round_seconds":  # sums over clients meet in another order across processes: float tolerance
+      if not k.endswith("_seconds"):  # (timings) sums over clients meet in another order: float tolerance
         assert g[k] == pytest.approx(w[k], rel=1e-4, abs=1e-5), (g["round"], k)
 
 
@@ -382,6 +383,96 @@ def test_cli_two_processes_equal_one_and_resume(tmp_path):
   assert summary["processes"] == 2 and summary["rounds"] == 2
   assert summary["final"] == pytest.approx(json.loads((tmp_path / "runs" / "single" / "summary.json").read_text())
                                            ["final"], rel=1e-4, abs=1e-5)
+
+
+# Tiny generators (the sizes tests/test_generator_runs.py uses): one per node and digit, 8 slots.
+# (cogx: one head branch, t5, halves the heads' compile time.)
+GEN_SETTINGS = ['diffusion_type="cogx"', "generator_hidden_dim=16", "generator_latent_dim=4",
+                "generator_training_sequence_length=2", "generator_batch_size=8", "generator_training_epochs=2"]
+
+
+def _generator_args(tmp_path, name: str, rounds: int, gens: str, *extra: str) -> list[str]:
+  sets = GEN_SETTINGS + [f'generator_checkpoint_dir="{tmp_path / "gens"}"', f'generator_checkpoint_base_name="{gens}"',
+                         *extra]
+  return _cli_args(tmp_path, name, rounds) + [a for kv in sets for a in ("--set", kv)]
+
+
+def _start_single_cli(tmp_path, args: list[str]) -> subprocess.Popen:
+  return subprocess.Popen(args + ["--quiet"], cwd=ROOT, env=_cli_env(tmp_path), stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, text=True)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not (ROOT / "data" / "fsdd" / "recordings").is_dir(), reason="FSDD not present")
+def test_cli_two_processes_generator_runs_equal_one(tmp_path):
+  """Run 1 (heads + generators) and then Run 2 (restored generators, synthetic rows redrawn in round 2,
+  KD aggregation) as 2-process jobs equal the same runs in one process: the generator stage runs
+  replicated, process 0 alone writes the run directory and the generator checkpoints, both read them."""
+  import jax
+
+  from a2v_jax import config
+  from a2v_jax import generator_checkpoint as gc
+  from a2v_jax.backbones.paths import backbone_dir
+  tiny = config.load(None, [f'tiny_dir="{tmp_path / "backbones"}"'])
+  for kind in ("ast", "clip_text", "t5"):
+    backbone_dir(tiny, kind)
+  runs = tmp_path / "runs"
+
+  # Run 1, one round: process 0 fills the caches, both train the heads (2 nodes each) and the 8 generators.
+  run1 = ["use_generator=true"]
+  _two_process_cli(tmp_path, _generator_args(tmp_path, "run1_job", 1, "job", *run1))
+  # Run 2 from the job's generators, two rounds (fresh synthetic rows in round 2) with KD on both. The
+  # one-process runs only read the caches and the job's generators: they run beside the Run 2 job.
+  run2 = ["use_pretrained_generators=true", 'adapter_aggregation_mode="kd"', "kd_training_epochs=2",
+          "kd_samples_per_class=8"]
+  singles = [_start_single_cli(tmp_path, _generator_args(tmp_path, "run1_single", 1, "single", *run1)),
+             _start_single_cli(tmp_path, _generator_args(tmp_path, "run2_single", 2, "job", *run2))]
+  _two_process_cli(tmp_path, _generator_args(tmp_path, "run2_job", 2, "job", *run2))
+  for p, log in zip(singles, _outputs(singles, "the one-process runs")):
+    assert p.returncode == 0, log[-4000:]
+
+  rows = _rows(runs / "run1_job")
+  assert "train/node_3/generator_recon" in rows[0] and "train/node_3/t5_loss" in rows[0]
+  _assert_rows_close(rows, _rows(runs / "run1_single"))
+  assert {p.name for p in (runs / "run1_job").iterdir()} == RUN_FILES
+  job_gens = config.load(None, GEN_SETTINGS + [f'generator_checkpoint_dir="{tmp_path / "gens"}"',
+                                               'generator_checkpoint_base_name="job"']).generators
+  assert gc.scan_rounds(job_gens) == ([1], [])  # written once: no stray temporary entries of a second writer
+  assert {p.name for p in gc.checkpoint_root(job_gens).iterdir()} == {"round_00001", "latest"}
+  got, _ = gc.restore_generators(job_gens)
+  want, _ = gc.restore_generators(dataclasses.replace(job_gens, generator_checkpoint_base_name="single"))
+  for a, b in zip(jax.tree.leaves(got.arrays()), jax.tree.leaves(want.arrays())):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+  rows = _rows(runs / "run2_job")
+  assert rows[-1]["server/kd_samples"] == 2 * 8 and "server/kd_t5_loss_end" in rows[-1]
+  assert rows[-1]["server/synthetic_samples_total"] > 0
+  _assert_rows_close(rows, _rows(runs / "run2_single"))
+  assert {p.name for p in (runs / "run2_job").iterdir()} == RUN_FILES
+  assert {p.name for p in runs.iterdir()} == {"run1_job", "run1_single", "run2_job", "run2_single"}
+  summary = json.loads((runs / "run2_job" / "summary.json").read_text())
+  assert summary["processes"] == 2 and summary["generator_round"] == 1
+
+
+def test_generator_only_mode_on_a_second_process_writes_nothing(tmp_path, monkeypatch):
+  """``generator_only_mode`` across processes is the replicated stage of Run 1 above (``train_round``,
+  ``save_generators``) without heads; checked cheaply in this process posing as process 1 of 2: it trains
+  every round, meets process 0 at both barriers of each save and writes nothing (process 0 writes)."""
+  import jax
+
+  from a2v_jax import config, trainer
+  from tests.fakes import synthetic_prepared
+  barriers = []
+  monkeypatch.setattr(jax, "process_count", lambda: 2)
+  monkeypatch.setattr(jax, "process_index", lambda: 1)
+  monkeypatch.setattr(distributed, "barrier", lambda name, timeout_s: barriers.append(name))
+  cfg = config.load(None, GEN_SETTINGS + ["use_generator=true", "generator_only_mode=true", "global_rounds=2",
+                                          "num_nodes=3", f'output_dir="{tmp_path}/runs"',
+                                          f'generator_checkpoint_dir="{tmp_path}/gens"'])
+  summary = trainer.train_and_evaluate(cfg, verbose=False, prepared=synthetic_prepared())
+  assert summary["rounds"] == 2 and summary["generator_slots"] > 0
+  assert [b.rsplit("_", 1)[1] for b in barriers] == ["begin", "end"] * 2 and len(set(barriers)) == 4
+  assert list(tmp_path.iterdir()) == []
 
 
 def test_cli_missing_peer_exits_2_with_one_line(tmp_path):

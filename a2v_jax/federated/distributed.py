@@ -267,23 +267,35 @@ def global_clients(local: Any, mesh: Mesh, num_clients: int) -> Any:
 
 
 def global_replicated(tree: Any, mesh: Mesh) -> Any:
-  """Arrays every process holds whole (server state, shared features), replicated over the mesh."""
+  """Arrays every process holds whole (server state, shared features), replicated over the mesh.
+
+  Leaves may be host or process-local arrays (the same values on every process: a replicated stage's
+  outputs), or global arrays already (a program's outputs, e.g. KD's distilled server heads): those
+  replicated over ``mesh`` are kept, others are fetched (a collective) and placed again.
+  """
   sharding = NamedSharding(mesh, P())
-  return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x), np.shape(x)), tree)
+
+  def one(x):
+    if isinstance(x, jax.Array) and not x.is_fully_addressable and x.sharding.is_equivalent_to(sharding, x.ndim):
+      return x
+    return jax.make_array_from_process_local_data(sharding, _host_value(x), np.shape(x))
+
+  return jax.tree.map(one, tree)
+
+
+def _host_value(x: Any) -> np.ndarray:
+  """numpy copy of one leaf on every process: a replicated array from a local shard, a sharded one gathered."""
+  from jax.experimental import multihost_utils
+  if not isinstance(x, jax.Array) or x.is_fully_addressable:
+    return np.asarray(x)
+  if x.sharding.is_fully_replicated:
+    return np.asarray(x.addressable_data(0))
+  return np.asarray(multihost_utils.process_allgather(x, tiled=True))
 
 
 def fetch(tree: Any) -> Any:
   """numpy copies on every process: replicated arrays from a local shard, sharded ones gathered."""
-  from jax.experimental import multihost_utils
-
-  def one(x):
-    if not isinstance(x, jax.Array) or x.is_fully_addressable:
-      return np.asarray(x)
-    if x.sharding.is_fully_replicated:
-      return np.asarray(x.addressable_data(0))
-    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
-
-  return jax.tree.map(one, tree)
+  return jax.tree.map(_host_value, tree)
 
 
 def barrier(name: str, timeout_s: float) -> None:

@@ -28,6 +28,11 @@ to the heads' token count; the server concatenates them per class (logged as
 ``server/synthetic_samples_{total,classes}``). They are appended to the feature array as ordinary rows
 and each node's train indices point at its own synthetic rows (plus its real ones unless
 ``train_on_real_features`` is false), so the engine trains on them exactly as on real rows.
+
+Across processes every function here runs replicated: each process calls it with the same features,
+config and keys and computes the same result on its own devices (process-local arrays, nothing
+global), so the synthetic rows and KD features agree everywhere and the trainer places them like any
+other shared input; checkpoints are written by process 0 alone (``generator_checkpoint``).
 """
 
 from __future__ import annotations
