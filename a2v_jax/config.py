@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any, Literal, Optional
 
 DiffusionType = Literal["sd", "flux", "cogx"]
+DriftCorrection = Literal["none", "fedprox", "scaffold"]
 
 
 class ConfigError(ValueError):
@@ -168,7 +169,7 @@ class FederationConfig:
   # fedprox_mu / 2 * ||w - w_global||^2 to the local loss (Li et al. 2020); scaffold adds the difference
   # between the server's and the client's control variates (mean gradients of the last round) to every
   # local gradient (Karimireddy et al. 2020).
-  local_drift_correction: Literal["none", "fedprox", "scaffold"] = "none"
+  local_drift_correction: DriftCorrection = "none"
   fedprox_mu: float = 0.01
   eval_gap: int = 1
   checkpoint_frequency: int = 1

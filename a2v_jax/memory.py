@@ -22,11 +22,13 @@ from __future__ import annotations
 import collections
 import dataclasses
 import os
-from typing import Any, Callable, Mapping, Optional
+import typing
+from typing import Any, Callable, Mapping, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
 
+from a2v_jax.config import DriftCorrection
 from a2v_jax.types import Params
 
 GiB = 1024 ** 3
@@ -105,7 +107,29 @@ def _saved_activations(residuals: list, params: Params, inputs: list) -> int:
   return int(total)
 
 
-DRIFT_CORRECTIONS = ("none", "fedprox", "scaffold")
+class DriftCopies(NamedTuple):
+  """Params-sized copies a drift correction adds: per client across rounds, per client while it
+  trains, and on the server."""
+  kept: int
+  training: int
+  server: int
+
+
+def drift_copies(correction: str, fedprox_mu: Optional[float] = None) -> DriftCopies:
+  """The params copies of ``local_drift_correction`` (as ``federated/local.py`` and ``engine.py`` hold
+  them): FedProx's anchor while training (none with mu 0; None counts it); SCAFFOLD's control across
+  rounds, its gradient sum and correction while training, and the server's control, update and mean
+  delta.
+
+  Raises:
+    ValueError: an unknown correction.
+  """
+  if correction not in typing.get_args(DriftCorrection):
+    raise ValueError(f"drift_correction must be one of {typing.get_args(DriftCorrection)}, got {correction!r}")
+  if correction == "scaffold":
+    return DriftCopies(kept=1, training=2, server=3)
+  anchor = correction == "fedprox" and (fedprox_mu is None or fedprox_mu > 0)
+  return DriftCopies(kept=0, training=int(anchor), server=0)
 
 
 def client_footprint(apply_fn: Callable, init_fn: Callable, tx, token_shape: tuple[int, int],
@@ -131,8 +155,7 @@ def client_footprint(apply_fn: Callable, init_fn: Callable, tx, token_shape: tup
       while it trains (gradient sum and correction) and three on the server.
     fedprox_mu: ``cfg.federation.fedprox_mu``; with 0 local training holds no anchor. None counts it.
   """
-  if drift_correction not in DRIFT_CORRECTIONS:
-    raise ValueError(f"drift_correction must be one of {DRIFT_CORRECTIONS}, got {drift_correction!r}")
+  copies = drift_copies(drift_correction, fedprox_mu)
   params = jax.eval_shape(init_fn, jax.random.PRNGKey(0))
   opt_state = jax.eval_shape(tx.init, params)
   x = jax.ShapeDtypeStruct((batch_size,) + tuple(token_shape), feature_dtype)
@@ -145,11 +168,9 @@ def client_footprint(apply_fn: Callable, init_fn: Callable, tx, token_shape: tup
   residuals = jax.eval_shape(lambda p, xb, yb: jax.vjp(lambda q: loss(q, xb, yb), p)[1], params, x, y)
   acts = _saved_activations(jax.tree.leaves(residuals), params, [x, *y.values()])
   p = tree_bytes(params)
-  anchor = drift_correction == "fedprox" and (fedprox_mu is None or fedprox_mu > 0)
-  scaffold = drift_correction == "scaffold"
   return ClientFootprint(params=p, opt_state=tree_bytes(opt_state), grads=p, activations=acts,
-                         batch=tree_bytes([x, y]), control=p if scaffold else 0,
-                         drift=p if anchor else 2 * p if scaffold else 0, server=3 * p if scaffold else 0)
+                         batch=tree_bytes([x, y]), control=copies.kept * p, drift=copies.training * p,
+                         server=copies.server * p)
 
 
 def round_bytes(fp: ClientFootprint, num_clients: int, chunk: Optional[int] = None,

@@ -88,6 +88,7 @@ def collect_plan(cfg: Config) -> tuple[list[str], list[str]]:
 
   if token_shape is not None and all(k in dirs for k in ("clip_text" if b == "clip" else "t5" for b in cfg.branches)):
     try:
+      from a2v_jax import memory
       from a2v_jax.backbones.text import target_dims
       from a2v_jax.models.heads import count_params, make_heads
       shapes = target_dims(cfg.heads.diffusion_type, dirs.get("clip_text"), dirs.get("t5"),
@@ -97,10 +98,10 @@ def collect_plan(cfg: Config) -> tuple[list[str], list[str]]:
       pbytes = _BYTES[cfg.experiment.param_dtype]
       clients = 1 if cfg.federation.adapter_aggregation_mode == "centralised" else cfg.data.num_nodes
       # params + grads + AdamW moments (2) per client, f32 optimiser state; plus the drift correction's
-      # params copies per client (as a2v_jax.memory.client_footprint counts them): FedProx's anchor,
-      # SCAFFOLD's control, gradient sum and correction.
+      # params copies per client (FedProx's anchor; SCAFFOLD's control, gradient sum and correction).
       fed = cfg.federation
-      copies = {"fedprox": int(fed.fedprox_mu > 0), "scaffold": 3}.get(fed.local_drift_correction, 0)
+      drift_copies = memory.drift_copies(fed.local_drift_correction, fed.fedprox_mu)
+      copies = drift_copies.kept + drift_copies.training
       state = clients * total * (pbytes + 4 * 3 + copies * pbytes)
       drift = f" with {copies} {fed.local_drift_correction} params cop{'y' if copies == 1 else 'ies'} each" \
           if copies else ""
