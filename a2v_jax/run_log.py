@@ -12,6 +12,8 @@ import re
 from pathlib import Path
 from typing import Any, Optional
 
+from a2v_jax import run_lock
+
 
 class RunDirError(RuntimeError):
   """The run directory holds an earlier run that this one would overwrite."""
@@ -59,7 +61,8 @@ class RunLog:
 
   ``write=False`` (the processes other than 0 of a multi-process run) keeps the rows in memory only:
   such a process makes the same refusal as process 0 and returns the same summary, and process 0
-  alone writes the run directory, so there is one set of files.
+  alone writes the run directory, so there is one set of files. The writer holds the directory's lock
+  (``run_lock``: a second run of the same name is refused at once) from here to ``finish``/``close``.
   """
 
   def __init__(self, run_dir: Path, *, resume: bool, verbose: bool = True, write: bool = True):
@@ -67,16 +70,24 @@ class RunLog:
     self.jsonl = self.run_dir / "metrics.jsonl"
     self.verbose = verbose
     self.write = write
+    self.lock: Optional[run_lock.RunLock] = None
+    if write:  # locked before anything is read, so a second run never acts on a directory being written
+      self.run_dir.mkdir(parents=True, exist_ok=True)
+      self.lock = run_lock.acquire(self.run_dir)
     if self.jsonl.exists() and not resume:
+      self.close()
       raise RunDirError(
           f"run directory {self.run_dir} already holds a run (metrics.jsonl); pass --resume to "
           "continue it, or choose another experiment name (--set name=...) so nothing is overwritten")
-    if write:
-      self.run_dir.mkdir(parents=True, exist_ok=True)
     self.rows: list[dict[str, Any]] = []
     if self.jsonl.exists():
       self.rows = [json.loads(l) for l in self.jsonl.read_text().splitlines() if l.strip()]
     self._printed_header = False
+
+  def close(self) -> None:
+    """Releases the run directory's lock (``finish`` does it; idempotent)."""
+    if self.lock is not None:
+      self.lock.release()
 
   def truncate_after(self, round_: int) -> None:
     """Drops rows of rounds after the restored checkpoint (they will be recomputed)."""
@@ -154,6 +165,13 @@ class RunLog:
       summary["best_by_val"] = best
     if not self.write:
       return summary
+    try:
+      self._finish_files(summary, best)
+    finally:
+      self.close()
+    return summary
+
+  def _finish_files(self, summary: dict[str, Any], best: Optional[dict[str, Any]]) -> None:
     (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     try:
       self.plot(self.run_dir / "plot.png")
@@ -168,7 +186,6 @@ class RunLog:
       accs = " ".join(f"{k.split('/')[-1].replace('_on_test', '')}={v:.4f}" for k, v in best.items()
                        if k.endswith("accuracy_on_test"))
       print(f"best round by validation accuracy: {best['round']} (test split: {accs})")
-    return summary
 
   def plot(self, path: Path) -> None:
     import matplotlib

@@ -88,7 +88,7 @@ def xla_step_flops(cfg, wl: dict[str, Any]) -> float:
 
 
 def run_case(name: str, rounds: int, warmup: int, log=print) -> dict[str, Any]:
-  case = CASES[name]
+  case = CASES[name]  # (main checked the name)
   cfg = config_lib.load(case.get("config", "experiments/configs/fsdd_tiny.json"), case.get("overrides", []))
   wl = _workload(cfg, case)
   log(f"== case {name}: {case['title']}")
@@ -165,12 +165,17 @@ def main(argv=None) -> list[dict[str, Any]]:
   p.add_argument("--system-allocator", action="store_true", help="see experiments.scaling.ALLOCATOR_ENV")
   p.add_argument("--out", default="benchmarks/results/bench_round")
   args = p.parse_args(argv)
+  names = args.case.split(",")
+  unknown = sorted(set(names) - set(CASES) - {"compile"})
+  if unknown:
+    from experiments.cli_errors import UsageError
+    raise UsageError(f"unknown --case {', '.join(unknown)}; choose from {', '.join([*CASES, 'compile'])}")
   if not args.system_allocator:
     scaling.reexec_with_allocator_env("benchmarks.bench_round", argv)
   out = Path(args.out)
   out.mkdir(parents=True, exist_ok=True)
   results = []
-  for name in args.case.split(","):
+  for name in names:
     if name == "compile":
       rows = compile_scaling()
       (out / "compile.json").write_text(json.dumps(rows, indent=1))
@@ -184,5 +189,11 @@ def main(argv=None) -> list[dict[str, Any]]:
   return results
 
 
+def cli(argv=None) -> int:
+  """``python -m benchmarks.bench_round``: exit 0, or 2 with one message on a project error."""
+  from experiments.cli_errors import guard
+  return guard(lambda: main(argv))
+
+
 if __name__ == "__main__":
-  main()
+  sys.exit(cli())

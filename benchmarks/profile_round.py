@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
+import sys
 import time
 from typing import Any, Callable
 
@@ -118,11 +119,20 @@ def main(argv=None):
   p.add_argument("--clients", type=int, default=100)
   p.add_argument("--reps", type=int, default=5)
   args = p.parse_args(argv)
+  if args.case not in bench_round.CASES:
+    from experiments.cli_errors import UsageError
+    raise UsageError(f"unknown --case {args.case}; choose from {', '.join(bench_round.CASES)}")
   print(f"load average: {' '.join(f'{v:.2f}' for v in os.getloadavg())}")
   rows = profile(args.case, args.clients, args.reps)
   print(f"load average: {' '.join(f'{v:.2f}' for v in os.getloadavg())}")
   return rows
 
 
+def cli(argv=None) -> int:
+  """``python -m benchmarks.profile_round``: exit 0, or 2 with one message on a project error."""
+  from experiments.cli_errors import guard
+  return guard(lambda: main(argv))
+
+
 if __name__ == "__main__":
-  main()
+  sys.exit(cli())

@@ -18,7 +18,16 @@ from typing import Any
 
 
 def load(folder: Path) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-  lines = [json.loads(x) for x in (folder / "scaling.jsonl").read_text().splitlines() if x.strip()]
+  from experiments.cli_errors import UsageError
+  path = folder / "scaling.jsonl"
+  if not path.is_file():
+    raise UsageError(f"no scaling.jsonl in {folder} (write one with python -m experiments.scaling --out {folder})")
+  try:
+    lines = [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
+  except json.JSONDecodeError as e:
+    raise UsageError(f"{path} is not a scaling study's output (line {e.lineno}: {e.msg})") from None
+  if not lines or "meta" not in lines[0]:
+    raise UsageError(f"{path} is not a scaling study's output (its first line holds no 'meta')")
   return lines[0]["meta"], lines[1:]
 
 
@@ -67,5 +76,11 @@ def main(argv=None) -> None:
     print()
 
 
+def cli(argv=None) -> int:
+  """``python -m benchmarks.summarize``: exit 0, or 2 with one message (a folder without a study, ...)."""
+  from experiments.cli_errors import guard
+  return guard(lambda: main(argv))
+
+
 if __name__ == "__main__":
-  main()
+  sys.exit(cli())

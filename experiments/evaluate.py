@@ -17,13 +17,19 @@ from pathlib import Path
 
 
 def main(argv=None) -> int:
+  """Exit status: 0 done, 2 refused (not a run directory, no checkpoint, unreadable or empty clips, a bad
+  config): one message, no traceback (``experiments.cli_errors``)."""
+  from experiments.cli_errors import guard
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   p.add_argument("--run", required=True, help="run directory (holds config.json and state/)")
   p.add_argument("--data", required=True, help="folder of clips in the training dataset's layout")
   p.add_argument("--nodes", action="store_true", help="also evaluate every node's model")
   p.add_argument("--round", type=int, default=None, help="checkpoint round (default: latest)")
   args = p.parse_args(argv)
+  return guard(lambda: _evaluate(args))
 
+
+def _evaluate(args: argparse.Namespace) -> int:
   import jax
   import jax.numpy as jnp
   import numpy as np
@@ -34,11 +40,11 @@ def main(argv=None) -> int:
   from a2v_jax.data.registry import read_dataset
   from a2v_jax.federated.evaluate import make_evaluator, pad_indices
   from a2v_jax.federated.local import Shared
+  from experiments.cli_errors import UsageError
 
   run = Path(args.run)
   if not (run / "config.json").is_file():
-    print(f"error: {run} is not a run directory (no config.json)", file=sys.stderr)
-    return 2
+    raise UsageError(f"{run} is not a run directory (no config.json)")
   cfg = config_lib.from_dict(json.loads((run / "config.json").read_text()), where=str(run / "config.json"))
   data_cfg = dataclasses.replace(cfg.data, dataset_root=args.data)
   clipset = read_dataset(data_cfg)
@@ -47,8 +53,10 @@ def main(argv=None) -> int:
   manager = ocp.CheckpointManager((run / "state").absolute(), item_names=("state", "meta"))
   step = args.round if args.round is not None else manager.latest_step()
   if step is None:
-    print(f"error: no checkpoint under {run / 'state'}", file=sys.stderr)
-    return 2
+    raise UsageError(f"no checkpoint under {run / 'state'}")
+  if step not in manager.all_steps():
+    raise UsageError(f"no checkpoint of round {step} under {run / 'state'} (rounds kept: "
+                     f"{sorted(manager.all_steps())})")
   state = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))["state"]
 
   from a2v_jax.models.heads import make_heads

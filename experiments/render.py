@@ -1,9 +1,9 @@
 """python -m experiments.render --checkpoint_dir checkpoints/embeddings --output_dir OUT [--diffusion_type sd]
 
 Renders embeddings checkpoints (ours or the reference's .pt) to PNGs, per-class contact sheets
-and a render_summary.json. Exit status: 0 all rendered, 1 stopped by an error (bad arguments,
-no matching file, protected output dir, a bad file with --on_error stop), 3 finished but some
-files were skipped.
+and a render_summary.json. Exit status: 0 all rendered, 2 stopped by an error (bad arguments,
+no matching file, protected output dir, a bad file with --on_error stop, a full disk: one message,
+no traceback, as every CLI of the project), 3 finished but some files were skipped.
 """
 
 from __future__ import annotations
@@ -53,22 +53,25 @@ def main(argv=None) -> int:
   logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                       format="%(levelname)s %(name)s: %(message)s")
   from a2v_jax import render
-  try:
-    paths = render.find_checkpoints(args.checkpoint, args.checkpoint_dir, args.pattern)
-    extra = {"tiny_dir": args.tiny_dir} if args.tiny_dir else {}
-    opts = render.RenderOptions(
-        output_dir=args.output_dir, diffusion_type=args.diffusion_type, model_dir=args.model_dir,
-        batch_size=args.batch_size, dtype=args.dtype, decode_batch_size=args.decode_batch_size,
-        device=args.device, num_inference_steps=args.num_inference_steps,
-        guidance_scale=args.guidance_scale, seed=args.seed, height=args.height, width=args.width,
-        scheduler=args.scheduler, overwrite=args.overwrite, on_error=args.on_error,
-        clear_cache_every=args.clear_cache_every, contact_sheets=not args.no_contact_sheets,
-        clip_model_dir=args.clip_model_dir, progress=not args.no_progress, verbose=args.verbose,
-        **extra)
-    summary = render.render_checkpoints(paths, opts)
-  except render.RenderError as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 1
+  from experiments.cli_errors import guard
+  return guard(lambda: _render(render, args), extra=(render.RenderError,),
+               interrupted="the images written so far are kept; rerun with --overwrite to start again")
+
+
+def _render(render, args: argparse.Namespace) -> int:
+  """The render itself; RenderError (and the project's errors) end in ``guard``'s one message."""
+  paths = render.find_checkpoints(args.checkpoint, args.checkpoint_dir, args.pattern)
+  extra = {"tiny_dir": args.tiny_dir} if args.tiny_dir else {}
+  opts = render.RenderOptions(
+      output_dir=args.output_dir, diffusion_type=args.diffusion_type, model_dir=args.model_dir,
+      batch_size=args.batch_size, dtype=args.dtype, decode_batch_size=args.decode_batch_size,
+      device=args.device, num_inference_steps=args.num_inference_steps,
+      guidance_scale=args.guidance_scale, seed=args.seed, height=args.height, width=args.width,
+      scheduler=args.scheduler, overwrite=args.overwrite, on_error=args.on_error,
+      clear_cache_every=args.clear_cache_every, contact_sheets=not args.no_contact_sheets,
+      clip_model_dir=args.clip_model_dir, progress=not args.no_progress, verbose=args.verbose,
+      **extra)
+  summary = render.render_checkpoints(paths, opts)
   print(summary.text())
   return 3 if summary.skipped else 0
 

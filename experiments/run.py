@@ -10,6 +10,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from experiments.cli_errors import error_label, is_project_error, report, startup_errors  # noqa: F401 (re-exported)
+
 
 def load_config(config_lib, path, overrides):
   """Our config format, or a reference fedgfe JSON (``feda2v`` / ``nodes`` sections) translated."""
@@ -34,37 +36,6 @@ def load_config(config_lib, path, overrides):
   return config_lib.load(path, overrides)
 
 
-def startup_errors() -> tuple[type[BaseException], ...]:
-  """The project's errors that mean "this run cannot start (or go on) as configured".
-
-  Each carries a message written for the user (what was found, what was expected), so the CLI prints
-  that message alone instead of a traceback. Anything else is a bug and still raises.
-  """
-  from a2v_jax import config, features, generator_checkpoint, run_log
-  from a2v_jax.backbones.hf import BackboneLoadError
-  from a2v_jax.checkpoint import CheckpointError
-  from a2v_jax.data.audio import AudioError
-  from a2v_jax.data.partition import PartitionError
-  from a2v_jax.data.registry import DatasetError
-  from a2v_jax.federated.distributed import DistributedInitError
-  from a2v_jax.federated.generator_runs import GeneratorRunError
-  from a2v_jax.trainer import TrainingError
-  from a2v_jax.wandb_sink import WandbMissingError
-  return (config.ConfigError, DatasetError, PartitionError, AudioError, features.FeatureError, BackboneLoadError,
-          WandbMissingError, CheckpointError, generator_checkpoint.GeneratorCheckpointError, GeneratorRunError,
-          run_log.RunDirError, TrainingError, FileNotFoundError, DistributedInitError)
-
-
-def error_label(e: BaseException) -> str:
-  from a2v_jax.config import ConfigError
-  from a2v_jax.generator_checkpoint import GeneratorCheckpointError
-  if isinstance(e, ConfigError):
-    return "config error"
-  if isinstance(e, GeneratorCheckpointError):
-    return "generator checkpoint error"
-  return f"error ({type(e).__name__})"
-
-
 def _join(args: argparse.Namespace) -> None:
   """Joins the multi-process job that ``--coordinator`` names, before any JAX computation.
 
@@ -87,8 +58,9 @@ def main(argv=None) -> int:
   """Runs the CLI; returns the exit status (0 done, 2 refused or stopped with a stated reason).
 
   Start-up problems (config, data, backbones, missing / partial / corrupt / mismatched checkpoints, an
-  existing run directory) and a run stopped on purpose (non-finite loss) print one message on stderr
-  and return 2, without a traceback: the message is the whole story. Unexpected exceptions raise.
+  existing run directory, one another run is writing), a run stopped on purpose (non-finite loss) and a
+  full disk print one message on stderr and return 2, without a traceback (``experiments.cli_errors``):
+  the message is the whole story. Unexpected exceptions raise.
   In a multi-process run (``--coordinator``) both end the process at once (``_leave_job``: status 2, or
   1 after the traceback), and a finished run leaves the job together with its peers.
   """
@@ -126,22 +98,21 @@ def main(argv=None) -> int:
       return print_plan(cfg)
     from a2v_jax.trainer import train_and_evaluate
     train_and_evaluate(cfg, resume=args.resume, verbose=not args.quiet)
-  except startup_errors() as e:
-    sys.stdout.flush()
-    print(f"{error_label(e)}: {e}", file=sys.stderr)
-    if joined:
-      _leave_job(2)
-    return 2
   except KeyboardInterrupt:
     sys.stdout.flush()
     print("interrupted: the last checkpoint is kept; continue with --resume", file=sys.stderr)
     return 130
-  except Exception:
-    if not joined:
-      raise
-    import traceback
-    traceback.print_exc()
-    _leave_job(1)
+  except Exception as e:
+    if not is_project_error(e):  # a bug: its traceback
+      if not joined:
+        raise
+      import traceback
+      traceback.print_exc()
+      _leave_job(1)
+    report(e)
+    if joined:
+      _leave_job(2)
+    return 2
   if joined:
     import jax
     jax.distributed.shutdown()  # a barrier: process 0's coordinator outlives every peer's last step

@@ -70,11 +70,23 @@ def reexec_with_allocator_env(module: str, argv: Sequence[str]) -> None:
   os.execve(sys.executable, [sys.executable, "-m", module, *argv], env)
 
 
+def client_counts(text: str) -> list[int]:
+  """``--clients``: positive integers, comma-separated (argparse turns the ValueError into a usage line)."""
+  try:
+    counts = [int(c) for c in text.split(",")]
+  except ValueError:
+    raise argparse.ArgumentTypeError(f"expected comma-separated client counts, e.g. 1,10,100; got {text!r}") from None
+  if not counts or min(counts) < 1:
+    raise argparse.ArgumentTypeError(f"client counts must be >= 1, got {text!r}")
+  return counts
+
+
 def parse_args(argv=None) -> argparse.Namespace:
   p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   p.add_argument("--config", default="experiments/configs/fsdd_tiny.json")
   p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override")
-  p.add_argument("--clients", default="1,10,100,1000")
+  p.add_argument("--clients", type=client_counts, default=client_counts("1,10,100,1000"),
+                 help="comma-separated client counts")
   p.add_argument("--rounds", type=int, default=3)
   p.add_argument("--warmup", type=int, default=1)
   p.add_argument("--samples-per-client", type=int, default=None, help="default: local steps x batch size")
@@ -140,7 +152,7 @@ def main(argv=None) -> list[dict[str, Any]]:
   if not args.system_allocator:
     reexec_with_allocator_env("experiments.scaling", argv)
   cfg, extra = config_for(args)
-  clients = [int(c) for c in args.clients.split(",")]
+  clients = args.clients
   budget = int(args.memory_budget_gb * memory.GiB) if args.memory_budget_gb else None
   if args.largest_within_gb:
     return [largest_for_args(cfg, args, extra)]
@@ -155,5 +167,12 @@ def main(argv=None) -> list[dict[str, Any]]:
   return rows
 
 
+def cli(argv=None) -> int:
+  """``python -m experiments.scaling``: exit 0, or 2 with one message on a project error (bad config, ...)."""
+  from experiments.cli_errors import guard
+  return guard(lambda: main(argv), interrupted="the study stopped; the results of finished client counts are "
+                                               "not written (rerun with fewer --clients)")
+
+
 if __name__ == "__main__":
-  main()
+  sys.exit(cli())

@@ -112,8 +112,9 @@ def print_table(result: dict[str, Any]) -> None:
 
 
 def main(argv=None) -> int:
-  """Exit status: 0 done, 2 refused (config, data, another config in a seed's run directory, ...)."""
-  from experiments.run import error_label, load_config, startup_errors
+  """Exit status: 0 done, 2 refused or stopped (config, data, a seed's run failing with a project error, another
+  config in a seed's run directory, ...): one message, no traceback (``experiments.cli_errors``)."""
+  from experiments.cli_errors import guard
   p = argparse.ArgumentParser(description="One config at several seeds: runs (or reuses) each, then mean and spread.")
   p.add_argument("--config", "-c", help="JSON config (ours, or reference-sectioned)")
   p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
@@ -121,29 +122,25 @@ def main(argv=None) -> int:
   p.add_argument("--seeds", type=parse_seeds, default=[0, 1, 2], help="comma-separated seeds (default 0,1,2)")
   p.add_argument("--quiet", action="store_true", help="no per-run output, only the final table")
   args = p.parse_args(argv)
+  return guard(lambda: _run(args), extra=(SeedRunError,),
+               interrupted="rerun the same command to continue (finished seeds are reused, the interrupted one "
+                           "resumes from its last checkpoint)")
 
+
+def _run(args: argparse.Namespace) -> int:
   from a2v_jax import config as config_lib
-  try:
-    base = load_config(config_lib, args.config, args.overrides)
-    name = base.experiment.name
-    summaries = {}
-    for s in args.seeds:
-      cfg = load_config(config_lib, args.config, args.overrides + [f"seed={s}", f"name={json.dumps(f'{name}_seed{s}')}"])
-      summaries[s] = run_seed(cfg, verbose=not args.quiet)
-    result = {"name": name, "seeds": args.seeds, "config": base.to_dict(),
-              "run_dirs": {str(s): summ.get("run_dir") for s, summ in summaries.items()},
-              "spread": spread(summaries)}
-    stem = Path(base.experiment.output_dir) / f"{name}_seeds"
-    write(result, stem)
-  except startup_errors() + (SeedRunError,) as e:
-    sys.stdout.flush()
-    print(f"{error_label(e)}: {e}", file=sys.stderr)
-    return 2
-  except KeyboardInterrupt:
-    sys.stdout.flush()
-    print("interrupted: rerun the same command to continue (finished seeds are reused, the interrupted one "
-          "resumes from its last checkpoint)", file=sys.stderr)
-    return 130
+  from experiments.run import load_config
+  base = load_config(config_lib, args.config, args.overrides)
+  name = base.experiment.name
+  summaries = {}
+  for s in args.seeds:
+    cfg = load_config(config_lib, args.config, args.overrides + [f"seed={s}", f"name={json.dumps(f'{name}_seed{s}')}"])
+    summaries[s] = run_seed(cfg, verbose=not args.quiet)
+  result = {"name": name, "seeds": args.seeds, "config": base.to_dict(),
+            "run_dirs": {str(s): summ.get("run_dir") for s, summ in summaries.items()},
+            "spread": spread(summaries)}
+  stem = Path(base.experiment.output_dir) / f"{name}_seeds"
+  write(result, stem)
   print_table(result)
   print(f"written {stem}.json, {stem}.csv")
   return 0

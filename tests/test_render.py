@@ -231,13 +231,13 @@ def test_cli_flux_end_to_end(models, tmp_path, capsys):
   assert summary["images"] == 7 and summary["seconds_per_image"] > 0
 
   # An existing non-empty output dir is never silently reused.
-  assert main(argv) == 1
+  assert main(argv) == 2
   assert "pass --overwrite" in capsys.readouterr().err
   # --on_error stop halts at the first bad file (node_1 sorts before node_2).
-  assert main(argv + ["--overwrite", "--on_error", "stop"]) == 1
+  assert main(argv + ["--overwrite", "--on_error", "stop"]) == 2
   assert "node_1_embeddings_r1.safetensors" in capsys.readouterr().err
   # A pattern that matches nothing is an error.
-  assert main(argv[:2] + ["--pattern", "nothing_*.pt"] + argv[2:]) == 1
+  assert main(argv[:2] + ["--pattern", "nothing_*.pt"] + argv[2:]) == 2
   assert "no file in" in capsys.readouterr().err
 
 

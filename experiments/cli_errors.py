@@ -1,0 +1,94 @@
+"""How every CLI ends on a project error: one message on stderr, exit status 2, no traceback.
+
+Why one place: the project's errors (config, data, checkpoints, a locked run directory, a full disk...)
+carry a message written for the user -- what was found, what was expected, what to do -- so a traceback
+only hides it. Anything else is a bug and keeps its traceback. ``experiments.run`` (which also has to
+leave a multi-process job) and the other CLIs (``guard``) all use ``is_project_error`` and ``report``.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Any, Callable, Optional
+
+
+class UsageError(ValueError):
+  """A command-line argument that cannot be used (argparse cannot tell), e.g. an unknown case name."""
+
+
+def startup_errors() -> tuple[type[BaseException], ...]:
+  """The project's errors that mean "this run cannot start (or go on) as configured"."""
+  from a2v_jax import config, features, generator_checkpoint, run_lock, run_log
+  from a2v_jax.backbones.hf import BackboneLoadError
+  from a2v_jax.checkpoint import CheckpointError
+  from a2v_jax.data.audio import AudioError
+  from a2v_jax.data.partition import PartitionError
+  from a2v_jax.data.registry import DatasetError
+  from a2v_jax.federated.distributed import DistributedInitError
+  from a2v_jax.federated.generator_runs import GeneratorRunError
+  from a2v_jax.trainer import TrainingError
+  from a2v_jax.wandb_sink import WandbMissingError
+  return (config.ConfigError, DatasetError, PartitionError, AudioError, features.FeatureError, BackboneLoadError,
+          WandbMissingError, CheckpointError, generator_checkpoint.GeneratorCheckpointError, GeneratorRunError,
+          run_log.RunDirError, run_lock.RunLockedError, TrainingError, FileNotFoundError, DistributedInitError,
+          UsageError)
+
+
+def is_project_error(e: BaseException, extra: tuple[type[BaseException], ...] = ()) -> bool:
+  """A project error (``startup_errors`` or ``extra``), or a full disk wherever it was met."""
+  from a2v_jax.checkpoint import is_disk_full
+  return isinstance(e, startup_errors() + tuple(extra)) or (isinstance(e, Exception) and is_disk_full(e))
+
+
+def error_label(e: BaseException) -> str:
+  from a2v_jax.checkpoint import DiskFullError, is_disk_full
+  from a2v_jax.config import ConfigError
+  from a2v_jax.generator_checkpoint import GeneratorCheckpointError
+  from a2v_jax.run_lock import RunLockedError
+  if isinstance(e, ConfigError):
+    return "config error"
+  if isinstance(e, GeneratorCheckpointError):
+    return "generator checkpoint error"
+  if isinstance(e, RunLockedError):
+    return "run directory locked"
+  if isinstance(e, DiskFullError):
+    return "disk full"
+  if isinstance(e, UsageError):
+    return "error"
+  if is_disk_full(e):  # met outside a checkpoint save (a metrics row, an embeddings file)
+    return "disk full (free space and run again with --resume)"
+  return f"error ({type(e).__name__})"
+
+
+def report(e: BaseException) -> int:
+  """Prints ``label: message`` on stderr (after what stdout holds); returns the exit status, 2."""
+  sys.stdout.flush()
+  print(f"{error_label(e)}: {e}", file=sys.stderr)
+  return 2
+
+
+def guard(body: Callable[[], Any], *, extra: tuple[type[BaseException], ...] = (),
+          interrupted: Optional[str] = None) -> int:
+  """Runs a CLI's ``body``; returns its exit status.
+
+  Args:
+    body: the CLI's work; an int it returns is the status, anything else (rows, None) means 0.
+    extra: the CLI's own error classes, reported like the project's.
+    interrupted: what Ctrl-C prints (status 130); None lets KeyboardInterrupt through.
+
+  Returns:
+    body's status, or 2 after one message on a project error. Any other exception propagates.
+  """
+  try:
+    status = body()
+  except KeyboardInterrupt:
+    if interrupted is None:
+      raise
+    sys.stdout.flush()
+    print(f"interrupted: {interrupted}", file=sys.stderr)
+    return 130
+  except Exception as e:
+    if not is_project_error(e, extra):
+      raise
+    return report(e)
+  return status if isinstance(status, int) and not isinstance(status, bool) else 0
