@@ -181,6 +181,19 @@ class FederationConfig:
   kd_learning_rate: float = 1e-3
   # Clients per vmapped chunk (None = all at once).
   client_chunk_size: Optional[int] = None
+  # Server global training (seed 001's Run 2, spec 4.6 done as intended; federated/server_train.py): after
+  # FedAvg, the server trains the global heads for global_model_train_epochs epochs on the round's
+  # aggregated synthetic features of every node (+ each node's per-class MEAN real feature when the nodes
+  # train on real features; never a raw clip). Targets: the class text embeddings, or with
+  # global_model_train_from_nodes_adapters the per-class mean of the nodes' head outputs (what the nodes'
+  # adapters make of their own clips of that class). AdamW at global_model_train_learning_rate.
+  global_model_train: bool = False
+  global_model_train_epochs: int = 5
+  global_model_train_from_nodes_adapters: bool = False
+  global_model_train_learning_rate: float = 1e-3
+  # A finished run directory whose heads a generate run loads (the reference's third step: heads +
+  # generators, no training; see a2v_jax/generate.py). None = train heads as usual.
+  adapter_load_checkpoint: Optional[str] = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -189,12 +202,18 @@ class GeneratorConfig:
   use_generator: bool = False
   generator_type: Literal["vae", "cvae", "gan"] = "vae"
   use_conditioned_vae: bool = False
+  # Condition of a conditioned generator: "onehot" (the class index) or "text" (seed 001's visual
+  # condition: the class's text embedding -- the pooled CLIP target where the heads have a clip branch,
+  # the T5 target's token mean for cogx -- scaled to unit norm).
+  generator_condition: Literal["onehot", "text"] = "onehot"
   generator_training_mode: bool = False
   generator_only_mode: bool = False
   use_pretrained_generators: bool = False
   generator_granularity: Literal["unified", "per_class", "per_group"] = "per_class"
   generator_class_groups: Optional[dict] = None
-  reset_generator_on_class_change: bool = True
+  # Seed 003: re-initialise a generator when a node brings a class it has not trained before (per node
+  # tracking; the first visit of a node is never a "change"). Off by default, as in seed 003.
+  reset_generator_on_class_change: bool = False
   shared_generator_in_only_mode: bool = True
   generator_training_epochs: int = 20
   generator_batch_size: int = 16
@@ -217,6 +236,9 @@ class GeneratorConfig:
   # Run 2: nodes also train on their real cached train features (false = synthetic only, the
   # train-on-synthetic / test-on-real measurement). Without a feature cache there is nothing real.
   train_on_real_features: bool = True
+  # Run 2: nodes also train on their own synthetic rows. false = the design notes' Run 2: nodes train on
+  # real clips only and send their synthetic rows to the server (for global_model_train).
+  train_on_synthetic_features: bool = True
   # Run 2: draw fresh synthetic rows before every round (same counts and labels, new latents; the
   # reference regenerated its samples after every KD round); false = one set drawn at start-up.
   synthetic_resample_each_round: bool = True
@@ -448,6 +470,7 @@ def validate(cfg: Config) -> None:
       "generator_batch_size": g.generator_batch_size, "kd_training_epochs": f.kd_training_epochs,
       "generator_hidden_dim": g.generator_hidden_dim, "generator_latent_dim": g.generator_latent_dim,
       "generator_training_sequence_length": g.generator_training_sequence_length,
+      "global_model_train_epochs": f.global_model_train_epochs,
   }
   for key, value in positive.items():
     if value < 1:
@@ -509,6 +532,42 @@ def validate(cfg: Config) -> None:
     raise ConfigError(
         f"config key 'adapter_dropout' is {cfg.heads.adapter_dropout}, but dropout is not applied (fedgfe reads "
         "the key and ignores it too; it is accepted only so reference configs load); set it to 0")
+  conditioned = g.generator_type == "cvae" or g.use_conditioned_vae
+  if g.generator_condition == "text" and not conditioned:
+    raise ConfigError("config key 'generator_condition' is 'text' but the generator is unconditioned; set "
+                      "'generator_type': 'cvae' (or 'use_conditioned_vae': true)")
+  if g.use_generator and not (g.generator_training_mode or g.generator_only_mode or g.use_pretrained_generators):
+    raise ConfigError("config key 'use_generator' is true but generators are neither trained "
+                      "('generator_training_mode': true, Run 1) nor restored ('use_pretrained_generators': true, "
+                      "Run 2)")
+  if g.generator_load_checkpoint and not g.use_pretrained_generators:
+    raise ConfigError("config key 'generator_load_checkpoint' restores generators, which is what "
+                      "'use_pretrained_generators': true (Run 2) does; to continue an interrupted Run 1 run its "
+                      "config again with --resume")
+  if f.global_model_train and not g.use_pretrained_generators:
+    raise ConfigError("config key 'global_model_train' trains the server heads on the nodes' synthetic features, "
+                      "which come from Run 1's generators: set 'use_pretrained_generators': true (Run 2)")
+  if g.use_pretrained_generators and not g.train_on_synthetic_features and not f.global_model_train:
+    raise ConfigError("config key 'train_on_synthetic_features' is false and 'global_model_train' is off: the "
+                      "synthetic features Run 2 draws would be used by nobody")
+  if f.global_model_train and g.generator_only_mode:
+    raise ConfigError("config key 'global_model_train' is true but 'generator_only_mode' trains no heads")
+  if f.global_model_train and f.adapter_aggregation_mode not in ("avg", "weighted"):
+    raise ConfigError(f"config key 'global_model_train' needs a global model averaged from the nodes "
+                      f"('adapter_aggregation_mode' 'avg' or 'weighted'), got {f.adapter_aggregation_mode!r}")
+  if f.global_model_train_from_nodes_adapters and not f.global_model_train:
+    raise ConfigError("config key 'global_model_train_from_nodes_adapters' chooses the targets of server "
+                      "global training, which is off ('global_model_train': false)")
+  if f.global_model_train_learning_rate <= 0:
+    raise ConfigError("config key 'global_model_train_learning_rate' must be > 0, got "
+                      f"{f.global_model_train_learning_rate}")
+  if cfg.heads.t5_latents != cfg.text.t5_max_length:
+    raise ConfigError(f"config key 't5_latents' is {cfg.heads.t5_latents}, but the t5 branch regresses one "
+                      f"latent per T5 target token ('t5_max_length' = {cfg.text.t5_max_length}); set them equal")
+  if f.adapter_load_checkpoint is not None and not g.use_pretrained_generators:
+    raise ConfigError("config key 'adapter_load_checkpoint' starts a generate run (trained heads + generators, "
+                      "no training), which draws its features from generators: set 'use_pretrained_generators': "
+                      "true")
   if cfg.heads.map_latents_init_std <= 0:
     raise ConfigError(f"config key 'map_latents_init_std' must be > 0, got {cfg.heads.map_latents_init_std}")
 

@@ -216,3 +216,7 @@ def check_targets(targets: Mapping[str, np.ndarray], cfg: Config, num_classes: i
                        f"found {sorted(targets)}")
     if targets[b].shape[0] != num_classes:
       raise ValueError(f"'{b}' targets have {targets[b].shape[0]} rows for {num_classes} classes")
+  t5 = targets.get("t5")
+  if t5 is not None and "t5" in cfg.branches and t5.shape[1] != cfg.heads.t5_latents:
+    raise ValueError(f"the t5 targets have {t5.shape[1]} tokens, but the t5 head has 't5_latents' = "
+                     f"{cfg.heads.t5_latents} latents (one per T5 token)")

@@ -238,7 +238,9 @@ def _expectations(cfg: GeneratorConfig, manifest: dict, feature_dim: Optional[in
   d = manifest["feature_dim"] if feature_dim is None else feature_dim
   spec = GeneratorSpec.from_config(cfg, (manifest["source_length"], d), k, manifest["spec"]["cond_dim"])
   norm = lambda x: json.loads(json.dumps(x))
-  found = {**{f: manifest["spec"][f] for f in spec.model_fields()}, "granularity": manifest["granularity"],
+  old = {"condition": "onehot" if manifest["spec"].get("conditioned") else "none"}  # written before the field
+  found = {**{f: manifest["spec"].get(f, old.get(f)) for f in spec.model_fields()},
+           "granularity": manifest["granularity"],
            "generator_class_groups": norm(manifest["generator_config"].get("generator_class_groups"))}
   wanted = {**spec.model_fields(), "granularity": cfg.generator_granularity,
             "generator_class_groups": norm(cfg.generator_class_groups)}
@@ -253,6 +255,7 @@ def _expected_text(cfg: GeneratorConfig, feature_dim: Optional[int], num_classes
                    class_names: Optional[Sequence[str]]) -> str:
   """What a restore looks for, in words: the layout on disk and the generators this config describes."""
   what = [f"generator_type={cfg.generator_type!r}", f"granularity={cfg.generator_granularity!r}",
+          f"condition={cfg.generator_condition!r}",
           f"hidden_dim={cfg.generator_hidden_dim}", f"latent_dim={cfg.generator_latent_dim}",
           f"sequence_length={cfg.generator_training_sequence_length}"]
   if feature_dim is not None:

@@ -98,8 +98,8 @@ def prepare(cfg: Config, verbose: bool = True, *, nodes: Any = None,
             "evaluation is unavailable (the AST is not run in Run 2)")
   else:
     feats = features_lib.ast_features(cfg, nodes.clipset, verbose=verbose)
-  if g.generator_only_mode:
-    return Prepared(nodes, feats, {})
+  if g.generator_only_mode and not generator_runs.text_conditioned(cfg):
+    return Prepared(nodes, feats, {})  # (a text-conditioned generator needs the text targets)
   targets = features_lib.text_targets(cfg, nodes.clipset.class_names, verbose=verbose)
   features_lib.check_targets(targets, cfg, len(nodes.clipset.class_names))
   return Prepared(nodes, feats, targets)
@@ -111,10 +111,13 @@ class PretrainedGenerators:
   state: Any                           # generator_training.GenState
   scale: generator_runs.FeatureScale   # what the generators' samples are standardised by
   round: int
-  server_row: dict[str, int]           # server/synthetic_samples_{total,classes}
+  rows: generator_runs.SyntheticRows   # where the synthetic (and class-mean) rows are, the server's counts
   counts: np.ndarray                   # (C, K) synthetic rows per node and class
-  offset: int                          # first synthetic row of the features
   length: int                          # tokens per synthetic row
+
+  @property
+  def server_row(self) -> dict[str, int]:
+    return self.rows.server_row
 
 
 def start_pretrained(cfg: Config, prepared: Optional[Prepared], verbose: bool = True
@@ -129,12 +132,12 @@ def start_pretrained(cfg: Config, prepared: Optional[Prepared], verbose: bool = 
     print(f"Run 2: generators of round {rnd} restored from {gen_ckpt.round_dir(cfg.generators, rnd)} "
           f"({state.layout.num_slots} slot(s)); the AST is not used")
   prepared = prepared or prepare_in_turn(cfg, verbose, nodes=nodes, feature_cache_hint=extra.get("feature_cache"))
+  generator_runs.check_condition(cfg, state, prepared.targets, str(gen_ckpt.round_dir(cfg.generators, rnd)))
   scale = generator_runs.FeatureScale.from_extra(extra, state.spec)
   length = generator_runs.check_features(cfg, state, prepared.features)
   counts = generator_runs.synthetic_counts(cfg, prepared.nodes)
-  offset = 0 if prepared.features is None else len(prepared.features)
-  prepared, server_row = generator_runs.add_synthetic(cfg, prepared, state, scale, length, verbose=verbose)
-  return prepared, PretrainedGenerators(state, scale, rnd, server_row, counts, offset, length)
+  prepared, rows = generator_runs.add_synthetic(cfg, prepared, state, scale, length, verbose=verbose)
+  return prepared, PretrainedGenerators(state, scale, rnd, rows, counts, length)
 
 
 def _stack(rows: list[np.ndarray], multiple: int) -> tuple[np.ndarray, np.ndarray]:
@@ -232,6 +235,9 @@ def train_and_evaluate(cfg: Config, *, resume: bool = False, verbose: bool = Tru
   checkpoint saves and restores, and process 0 alone writes the run directory and prints. Generator
   stages and KD run replicated (module docstring).
   """
+  if cfg.federation.adapter_load_checkpoint is not None:  # generate: trained heads + generators, no training
+    from a2v_jax import generate
+    return generate.run_generate(cfg, resume=resume, verbose=verbose, prepared=prepared)
   run_dir = run_dir_for(cfg)
   g = cfg.generators
   primary = jax.process_index() == 0
@@ -300,12 +306,18 @@ def train_and_evaluate(cfg: Config, *, resume: bool = False, verbose: bool = Tru
   # Run 1: generators train after each round's heads; they are checkpointed together with the heads
   # (at multiples of either frequency), so a resume restores both from the same round.
   run1 = None
-  if g.use_generator and not g.use_pretrained_generators:
+  if g.use_generator and g.generator_training_mode and not g.use_pretrained_generators:
     run1 = generator_runs.start_run1(cfg, prepared, resume_round=start_round or None, resume=resume)
     run1_extra = generator_runs.run1_extra(cfg, prepared, run1)
   mode = cfg.federation.adapter_aggregation_mode
   kd = kd_lib.make_kd(cfg, apply_fn, cfg.train.batch_size) if mode == "kd" else None
   kd_weights = np.asarray(lay.train_count > 0, np.float32)  # teacher: every real client, uniform
+
+  # Run 2 with global_model_train: after FedAvg the server trains the global heads on the aggregated
+  # synthetic rows (+ the nodes' per-class mean features), federated/server_train.py.
+  server_step = None
+  if pretrained is not None and cfg.federation.global_model_train:
+    server_step = _make_server_step(cfg, apply_fn, pretrained.rows, place)
 
   # Run 2: fresh synthetic rows before every round after the first (rows and labels keep their places).
   redraw = pretrained is not None and g.synthetic_resample_each_round
@@ -318,7 +330,7 @@ def train_and_evaluate(cfg: Config, *, resume: bool = False, verbose: bool = Tru
   for r in bar:
     t0 = time.time()
     if redraw and r > 1:
-      host_features[pretrained.offset:] = generator_runs.redraw_synthetic(
+      host_features[pretrained.rows.offset:] = generator_runs.redraw_synthetic(
           cfg, pretrained.state, pretrained.scale, pretrained.counts, pretrained.length, r)
       shared = place.replicated(shared._replace(features=host_features))
     server, clients, m = round_fn(server, clients, data, shared)
@@ -328,6 +340,9 @@ def train_and_evaluate(cfg: Config, *, resume: bool = False, verbose: bool = Tru
     if run1 is not None:
       run1, grow = generator_runs.train_round(cfg, run1, r)
       extra_row.update(grow)
+    if server_step is not None:
+      server, srow = server_step(server, clients, data, shared, r)
+      extra_row.update(srow)
     if kd is not None:
       gens = (run1.state, run1.scale) if run1 is not None else (pretrained.state, pretrained.scale)
       server, krow = kd_round(cfg, kd, server, clients, gens, kd_weights, int(token_shape[0]), r, place)
@@ -384,6 +399,35 @@ def train_and_evaluate(cfg: Config, *, resume: bool = False, verbose: bool = Tru
   if sink is not None:
     sink.finish(summary)
   return summary
+
+
+def _make_server_step(cfg: Config, apply_fn, rows: generator_runs.SyntheticRows,
+                      place: distributed.Placement):
+  """``step(server, clients, data, shared, round) -> (server, row)``: Run 2's server global training."""
+  from a2v_jax.federated import server_train
+  idx, count = pad_indices(rows.server_indices(), cfg.train.batch_size)
+  train = server_train.make_server_train(cfg, apply_fn, count)
+  node_targets = (server_train.make_node_targets(apply_fn, cfg.train.batch_size)
+                  if cfg.federation.global_model_train_from_nodes_adapters else None)
+  idx = place.inputs(idx, clients=False)
+
+  def step(server, clients, data: engine.RoundData, shared: Shared, round_: int):
+    t0 = time.time()
+    table = shared.targets if node_targets is None else node_targets(clients.params, data.idx, data.count, shared)
+    key = place.inputs(server_train.server_key(cfg, round_), clients=False)
+    params, metrics = train(server.params, idx, count, shared._replace(targets=table), key)
+    metrics = place.host(metrics)
+    row = {}
+    for k, v in metrics.items():
+      if not np.all(np.isfinite(v)):
+        raise TrainingError(f"non-finite {k} in the server's global training of round {round_}; stopping (the "
+                            "last good checkpoint is kept)")
+      row[f"server/global_train_{k}"] = float(v)
+    row["server/global_train_samples"] = int(count)
+    row["server/global_train_seconds"] = round(time.time() - t0, 4)
+    return place.replicated(server.replace(params=params)), row
+
+  return step
 
 
 def kd_round(cfg: Config, kd: kd_lib.KD, server, clients, gens: tuple[Any, Any], weights: np.ndarray,

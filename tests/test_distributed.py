@@ -419,7 +419,7 @@ def test_cli_two_processes_generator_runs_equal_one(tmp_path):
   runs = tmp_path / "runs"
 
   # Run 1, one round: process 0 fills the caches, both train the heads (2 nodes each) and the 8 generators.
-  run1 = ["use_generator=true"]
+  run1 = ["use_generator=true", "generator_training_mode=true"]
   _two_process_cli(tmp_path, _generator_args(tmp_path, "run1_job", 1, "job", *run1))
   # Run 2 from the job's generators, two rounds (fresh synthetic rows in round 2) with KD on both. The
   # one-process runs only read the caches and the job's generators: they run beside the Run 2 job.

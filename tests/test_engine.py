@@ -9,7 +9,7 @@ from a2v_jax import config
 from a2v_jax.federated import aggregate, engine
 from a2v_jax.federated.local import Shared
 from a2v_jax.models.heads import make_heads
-from a2v_jax.trainer import layout
+from a2v_jax.trainer import init_state, layout
 from tests.fakes import synthetic_prepared
 
 
@@ -125,3 +125,35 @@ def test_single_client_runs_unbatched_with_the_same_math():
   for a, b in zip(jax.tree.leaves((idle.params, idle.opt_state)), jax.tree.leaves((one.params, one.opt_state))):
     np.testing.assert_array_equal(a, b)
   assert all(float(v[0]) == 0.0 for v in m_idle.values())
+
+
+def test_sampled_round_averages_the_sampled_clients_only_and_resamples():
+  """join_ratio < 1: each round's server model is the numpy mean of the sampled clients' params, trained
+  one by one from the global model; the others keep theirs; the sample changes between rounds."""
+  cfg, alg, shared, data, lay = _setup("avg", ["join_ratio=0.67"])
+  num = lay.train_idx.shape[0]
+  m = engine.num_participants(cfg, num)
+  assert 0 < m < num
+  round_fn, local_train = jax.jit(alg.round), jax.jit(alg.local_train)
+  server, clients = init_state(alg, jax.random.PRNGKey(5))  # one cheap program, not ~300 eager ones
+  masks = []
+  for r in range(4):
+    new_server, new_clients, metrics = round_fn(server, clients, data, shared)
+    part = np.asarray(metrics["participate"])
+    assert part.sum() == m
+    masks.append(part)
+    trained = []
+    for c in np.flatnonzero(part):
+      client = jax.tree.map(lambda x: np.asarray(x)[c], clients).replace(params=server.params)
+      out, _ = local_train(client, data.idx[c], data.count[c], jnp.int32(r * cfg.train.local_epochs), shared)
+      trained.append([np.asarray(p, np.float64) for p in jax.tree.leaves(out.params)])
+      for a, b in zip(jax.tree.leaves(jax.tree.map(lambda x: x[c], new_clients.params)), trained[-1]):
+        np.testing.assert_allclose(a, b, rtol=2e-5, atol=2e-6)
+    for c in np.flatnonzero(~part):
+      for a, b in zip(jax.tree.leaves(jax.tree.map(lambda x: x[c], new_clients.params)),
+                      jax.tree.leaves(jax.tree.map(lambda x: x[c], clients.params))):
+        np.testing.assert_array_equal(a, b)
+    for g, *per in zip(jax.tree.leaves(new_server.params), *trained):
+      np.testing.assert_allclose(g, np.mean(per, axis=0), rtol=1e-4, atol=1e-5)
+    server, clients = new_server, new_clients
+  assert len({mask.tobytes() for mask in masks}) > 1, masks

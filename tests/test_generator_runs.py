@@ -19,6 +19,7 @@ from a2v_jax import features as features_lib
 from a2v_jax import generator_checkpoint as gc
 from a2v_jax.config import ConfigError
 from a2v_jax.federated import generator_runs as grn
+from a2v_jax.federated import generator_training as gt
 from a2v_jax.federated import kd as kd_lib
 from a2v_jax.models.heads import make_heads
 from a2v_jax.trainer import RUN_ONCE_COMPILER_OPTIONS, Prepared, start_pretrained, train_and_evaluate
@@ -54,7 +55,7 @@ def run1(tmp_path_factory):
   """
   tmp = tmp_path_factory.mktemp("run1")
   prep = synthetic_prepared()
-  cfg = _cfg(tmp, "r1", "use_generator=true", "global_rounds=2", "checkpoint_frequency=5",
+  cfg = _cfg(tmp, "r1", "use_generator=true", "generator_training_mode=true", "global_rounds=2", "checkpoint_frequency=5",
              "generator_checkpoint_frequency=1", "eval_gap=0", 'diffusion_type="cogx"')
   summary = train_and_evaluate(cfg, verbose=False, prepared=prep)
   return dict(tmp=tmp, prep=prep, cfg=cfg, summary=summary)
@@ -231,7 +232,8 @@ def test_prepare_for_run2_reads_the_run1_cache_and_never_builds_the_ast(tmp_path
   seen = np.array([[lay.class_to_key[c] == k for c in range(2)] for k in lay.slot_key])
   gc.save_generators(cfg1.generators, run.state.replace(seen=jnp.asarray(seen)), 1,
                      extra=grn.run1_extra(cfg1, prep1, run))
-  targets = {"clip": np.ones((2, 4), np.float32), "t5": np.ones((2, 3, 6), np.float32)}
+  # One t5 latent per T5 target token (t5_latents, checked against the targets).
+  targets = {"clip": np.ones((2, 4), np.float32), "t5": np.ones((2, cfg1.heads.t5_latents, 6), np.float32)}
   monkeypatch.setattr(features_lib, "text_targets", lambda *a, **k: targets)
   cfg2 = _cfg(tmp_path, "r2", "use_pretrained_generators=true", *common)
   ast = tmp_path / "no_backbones" / "ast"  # AST weights present: the regular lookup (cache_only) misses first
@@ -352,3 +354,34 @@ def test_ast_features_cache_only_reads_the_cache_or_names_the_missing_one(tmp_pa
   (ast / "config.json").write_text('{"hidden_size": 8}')  # other AST weights: another key, a miss again
   with pytest.raises(features_lib.FeatureCacheMiss):
     get()
+
+
+def test_text_conditioned_cvae_trains_on_the_class_text_embeddings_and_checks_them_on_restore(tmp_path):
+  """``generator_condition: text``: the condition table is each class's unit-norm CLIP text target; a Run 2
+  whose text embeddings differ (another prompt or text encoder), or that asks for one-hot conditions, stops
+  before its run directory exists."""
+  prep = synthetic_prepared()
+  text = ['generator_type="cvae"', 'generator_condition="text"']
+  train_and_evaluate(_cfg(tmp_path, "r1", *RUN1, *text, "global_rounds=1"), verbose=False, prepared=prep)
+  state, _ = gc.restore_generators(_cfg(tmp_path, "x", *RUN1, *text).generators)
+  clip = np.asarray(prep.targets["clip"], np.float64)
+  np.testing.assert_allclose(state.cond_table, clip / np.linalg.norm(clip, axis=1, keepdims=True), rtol=1e-6)
+  assert state.spec.condition == "text" and state.spec.cond_dim == clip.shape[1]
+  # The decoder reads the condition: two classes' text embeddings decode the same latent to different samples.
+  vae = gt.models(state.spec)["vae"]
+  slot0 = jax.tree.map(lambda x: x[0], state.params)
+  z = jax.random.normal(jax.random.key(0), (1, state.spec.latent_dim))
+  decode = lambda c: np.asarray(vae.apply(slot0, z, state.cond_table[c][None], method=vae.decode))
+  assert np.abs(decode(0) - decode(1)).max() > 1e-3
+  run2 = lambda p, *extra: train_and_evaluate(
+      _cfg(tmp_path, "r2", "use_pretrained_generators=true", 'generator_type="cvae"', *extra), verbose=False,
+      prepared=p)
+  moved = dict(prep.targets, clip=np.array(prep.targets["clip"]))
+  moved["clip"][2] += 0.5
+  with pytest.raises(gc.GeneratorCheckpointError, match=r"conditioned on other text embeddings for classes \['c2'\]"):
+    run2(dataclasses.replace(prep, targets=moved), 'generator_condition="text"')
+  with pytest.raises(gc.GeneratorCheckpointError, match="condition: checkpoint has 'text', expected 'onehot'"):
+    run2(prep)
+  assert not (tmp_path / "r2").exists()
+  summary = run2(prep, 'generator_condition="text"', "global_rounds=1")  # the same texts: it runs
+  assert 0.0 <= summary["final"]["test/server/clip_accuracy_on_test"] <= 1.0

@@ -142,19 +142,54 @@ def test_layouts_per_granularity():
                                 [[5, 5, 5], [0, 0, 5]])
 
 
-def test_reset_bookkeeping():
-  spec = gt.GeneratorSpec.from_config(cfg_of(), (T, D), 3)
-  # one slot visited by three nodes (shared): classes {0}, {0, 1}, {1}; then a visit with no rows
-  lab = np.array([[[0, 0], [0, 1], [1, 1], [0, 0]]])
-  msk = np.array([[[1, 1], [1, 1], [1, 0], [0, 0]]], np.float32)
-  seen0, epoch0 = np.zeros((1, 3), bool), np.zeros(1, np.int32)
-  start, reset, epoch, seen = gt._bookkeeping(spec, seen0, epoch0, msk, lab, 3)
-  np.testing.assert_array_equal(reset, [[False, True, False, False]])  # fresh slot: no reset; new class 1: reset
-  np.testing.assert_array_equal(start, [[0, 0, 3, 6]])
-  assert epoch.tolist() == [6] and seen.tolist() == [[True, True, False]]
-  off = dataclasses.replace(spec, reset_on_new_class=False)
-  _, reset, epoch, _ = gt._bookkeeping(off, seen0, epoch0, msk, lab, 3)
-  assert not reset.any() and epoch.tolist() == [9]
+def _walk(spec, layout, calls, epochs=3):
+  """Runs _bookkeeping over successive calls; calls: per call, per (slot, visit) a list of labels."""
+  g, v = layout.num_slots, (layout.num_nodes if layout.shared else 1)
+  seen, epoch = np.zeros((g, spec.num_classes), bool), np.zeros(g, np.int32)
+  node_seen = np.zeros((layout.num_nodes, spec.num_classes), bool)
+  out = []
+  for call in calls:
+    lab, msk = np.zeros((g, v, 4), np.int32), np.zeros((g, v, 4), np.float32)
+    for (s, j), labels in call.items():
+      lab[s, j, :len(labels)], msk[s, j, :len(labels)] = labels, 1
+    start, reset, epoch, seen, node_seen = gt._bookkeeping(spec, layout, seen, epoch, node_seen, msk, lab, epochs)
+    out.append(dict(start=start, reset=reset, epoch=epoch.copy(), seen=seen.copy(), node_seen=node_seen.copy()))
+  return out
+
+
+def test_reset_tracks_classes_per_node_and_a_first_visit_is_no_change():
+  """Seed 003's rule on a shared unified generator visited by three nodes: nodes' first trainings
+  ({0}, {0, 1}, {1}) reset nothing (the generator ends up knowing every node's classes, not only the
+  last node's); the reset comes when node 2, which trained before, brings class 0 it never trained."""
+  spec = gt.GeneratorSpec.from_config(cfg_of(reset_generator_on_class_change=True), (T, D), 3)
+  shared = gt.SlotLayout("unified", True, ("all",), (0, 0, 0), (-1,), (0,), 3)
+  first = {(0, 0): [0, 0], (0, 1): [0, 1], (0, 2): [1, 1]}
+  a, b = _walk(spec, shared, [first, {**first, (0, 2): [1, 0]}])
+  assert not a["reset"].any() and a["seen"].tolist() == [[True, True, False]] and a["epoch"].tolist() == [9]
+  np.testing.assert_array_equal(a["start"], [[0, 3, 6]])
+  assert a["node_seen"].tolist() == [[1, 0, 0], [1, 1, 0], [0, 1, 0]]
+  np.testing.assert_array_equal(b["reset"], [[False, False, True]])
+  assert b["epoch"].tolist() == [3] and b["seen"].tolist() == [[True, True, False]]
+  off = dataclasses.replace(spec, reset_on_new_class=False)  # the default: keep learning
+  assert not any(r["reset"].any() for r in _walk(off, shared, [first, {**first, (0, 2): [1, 0]}]))
+  assert gt.GeneratorSpec.from_config(cfg_of(), (T, D), 3).reset_on_new_class is False
+
+
+def test_reset_per_class_and_per_group_touch_only_the_new_classes_generators():
+  spec = gt.GeneratorSpec.from_config(cfg_of(reset_generator_on_class_change=True), (T, D), 3)
+  # per_class, shared: node 0 trains dog (0) and rooster (1), node 1 dog; then node 1 brings rooster too
+  per_class = gt.SlotLayout("per_class", True, ("dog", "rooster", "car"), (0, 1, 2), (-1, -1), (0, 1), 2)
+  r1 = {(0, 0): [0, 0], (1, 0): [1], (0, 1): [0]}
+  _, b = _walk(spec, per_class, [r1, {**r1, (1, 1): [1, 1]}])
+  np.testing.assert_array_equal(b["reset"], [[False, False], [False, True]])  # rooster's generator only
+  assert b["epoch"].tolist() == [12, 3]  # dog: 4 visits in a row; rooster restarted at node 1's visit
+  # per_group, per node: {dog, rooster} = animals, car = other; node 0 trains dog, then dog + rooster + car
+  groups = gt.SlotLayout("per_group", False, ("animals", "other"), (0, 0, 1), (0, 0), (0, 1), 1)
+  a, b = _walk(spec, groups, [{(0, 0): [0]}, {(0, 0): [0, 1], (1, 0): [2]}])
+  assert not a["reset"].any()
+  # animals had trained and gets a new class: reset; other is fresh (never trained): nothing to reset
+  np.testing.assert_array_equal(b["reset"], [[True], [False]])
+  assert b["epoch"].tolist() == [3, 3] and b["node_seen"].tolist() == [[True, True, True]]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -238,7 +273,8 @@ def test_shared_mode_equals_sequential_loop(unified):
 
 
 def test_reset_on_new_class_restarts_only_the_affected_slots(unified):
-  cfg, lay, (feats, labels, mask) = unified["cfg"], unified["layout"], unified["data"]
+  lay, (feats, labels, mask) = unified["layout"], unified["data"]
+  cfg = cfg_of(reset_generator_on_class_change=True)
   state = gt.init_generators(jax.random.key(0), cfg, lay, (T, D), K)
   state, _ = gt.train_generators(state, feats, np.zeros_like(labels), mask, jax.random.key(1))  # class 0 only
   later = labels.copy()

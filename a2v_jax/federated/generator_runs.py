@@ -1,7 +1,7 @@
 """Run 1 and Run 2 of the generator workflow, as stages the trainer calls (seeds 001-003, spec 5).
 
-Run 1 (``use_generator``; ``generator_training_mode`` is accepted as a synonym): every round, after the
-heads' round, the generators train on the nodes' TRAIN features -- rows of the cached AST features,
+Run 1 (``use_generator`` + ``generator_training_mode``; ``use_generator`` alone is refused, it would
+neither train nor restore anything): every round, after the heads' round, the generators train on the nodes' TRAIN features -- rows of the cached AST features,
 pooled once to S tokens -- for ``generator_training_epochs``, all slots in one ``jit(vmap)``
 (``generator_training.train_generators``). Per-round losses go into the round row as
 ``train/node_{i}/generator_{loss,recon,kl,cos}`` (GAN: ``generator_{loss,gan_d,gan_g,d_real,d_fake}``),
@@ -24,8 +24,9 @@ and class (``'auto'`` = node train rows // classes it holds), drawn from z ~ N(0
 again before every later round (``synthetic_resample_each_round``; same rows, labels and shapes, new
 latents), without input noise (``generator_augmentation`` is Run 1's denoising training, as in seed
 001), un-standardised with the scale Run 1 recorded (``generator_standardize_features``) and stretched
-to the heads' token count; the server concatenates them per class (logged as
-``server/synthetic_samples_{total,classes}``). They are appended to the feature array as ordinary rows
+to the heads' token count; the server aggregates them per class across nodes (logged as
+``server/synthetic_samples_{total,classes}``) and, with ``global_model_train``, trains the global heads on
+them (``server_train.py``). They are appended to the feature array as ordinary rows
 and each node's train indices point at its own synthetic rows (plus its real ones unless
 ``train_on_real_features`` is false), so the engine trains on them exactly as on real rows.
 
@@ -139,6 +140,55 @@ def draw(state: gt.GenState, scale: FeatureScale, key: PRNGKey, counts: np.ndarr
   return x, np.asarray(y), np.asarray(valid)
 
 
+def text_conditioned(cfg: Config) -> bool:
+  """Whether the generators are conditioned on the class text embeddings (so need the text targets)."""
+  g = cfg.generators
+  return (g.generator_type == "cvae" or g.use_conditioned_vae) and g.generator_condition == "text"
+
+
+def condition_table(cfg: Config, targets: dict, num_classes: int) -> Optional[np.ndarray]:
+  """The (K, E) class conditions of a conditioned generator; None for one-hot (the default table).
+
+  ``generator_condition: text`` is seed 001's "CLIP visual condition": each class's text embedding --
+  the pooled CLIP target when the heads have a clip branch (SD's (77, d) token sequence is averaged
+  over tokens), else the T5 target's token mean (cogx) -- scaled to unit norm like a one-hot row, so the
+  condition's scale does not depend on the text encoder.
+  """
+  if not text_conditioned(cfg):
+    return None
+  branch = "clip" if "clip" in targets else "t5"
+  if branch not in targets:
+    raise GeneratorRunError("generator_condition 'text' needs the class text embeddings, but no text targets "
+                            "were computed")
+  t = np.asarray(targets[branch], np.float64)
+  if t.shape[0] != num_classes:
+    raise GeneratorRunError(f"{branch} text targets have {t.shape[0]} rows for {num_classes} classes")
+  t = t.reshape(num_classes, -1, t.shape[-1]).mean(1)
+  return (t / np.maximum(np.linalg.norm(t, axis=1, keepdims=True), 1e-12)).astype(np.float32)
+
+
+def check_condition(cfg: Config, state: gt.GenState, targets: dict, where: str) -> None:
+  """A text-conditioned generator must have been trained on THESE classes' text embeddings.
+
+  Raises:
+    GeneratorCheckpointError: the checkpoint's condition table differs (another prompt template or
+      text encoder), naming the classes whose conditions differ.
+  """
+  if state.spec.condition != "text":
+    return
+  want = condition_table(cfg, targets, state.spec.num_classes)
+  have = np.asarray(state.cond_table)
+  if want.shape != have.shape:
+    raise gc.GeneratorCheckpointError(f"{where}: conditioned on text embeddings of width {have.shape[1]}, this "
+                                      f"run's are {want.shape[1]} wide (another text encoder)")
+  off = np.flatnonzero(np.abs(want - have).max(1) > 1e-4)
+  if off.size:
+    names = [state.layout.class_name(int(c)) for c in off]
+    raise gc.GeneratorCheckpointError(
+        f"{where}: the generators were conditioned on other text embeddings for classes {names} (another "
+        f"prompt_template or text encoder than this run's, prompt {cfg.text.prompt_template!r})")
+
+
 # ---------------------------------------------------------------------------------------------
 # Run 1.
 
@@ -194,6 +244,7 @@ def start_run1(cfg: Config, prepared: Any, *, resume_round: Optional[int], resum
           f"generator checkpoint round {resume_round} under {gc.checkpoint_root(g)} does not fit this data: slots "
           f"{[(d['node'], d['key']) for d in state.layout.describe()]} vs "
           f"{[(d['node'], d['key']) for d in layout.describe()]}, tokens {state.spec.source_length} vs {token_shape[0]}")
+    check_condition(cfg, state, prepared.targets, str(gc.round_dir(g, resume_round)))
   else:
     complete, _ = gc.scan_rounds(g)
     if complete and not resume:
@@ -201,7 +252,8 @@ def start_run1(cfg: Config, prepared: Any, *, resume_round: Optional[int], resum
           f"{gc.checkpoint_root(g)} already holds generator rounds {complete} of another run; a new Run 1 would mix "
           "its rounds with them. Pass --resume to continue that run, or set another generator_checkpoint_base_name "
           "(or generator_checkpoint_dir), or delete the directory")
-    state = gt.init_generators(key, g, layout, token_shape, len(names))
+    state = gt.init_generators(key, g, layout, token_shape, len(names),
+                               condition_table(cfg, prepared.targets, len(names)))
   return Run1(state, pool, pool_labels, index, mask, key, scale)
 
 
@@ -360,26 +412,40 @@ def synthetic_counts(cfg: Config, nodes: NodeData) -> np.ndarray:
                              index=index)
 
 
-def aggregate_synthetic(labels: np.ndarray, num_classes: int) -> dict[str, int]:
-  """The server's per-class concatenation of every node's synthetic rows, as counts (what it logs)."""
-  per_class = np.bincount(np.asarray(labels, np.int64), minlength=num_classes)
-  return {"server/synthetic_samples_total": int(per_class.sum()),
-          "server/synthetic_samples_classes": int((per_class > 0).sum())}
+@dataclasses.dataclass(frozen=True)
+class SyntheticRows:
+  """Where Run 2's extra rows sit in the features: [real | class means | synthetic]."""
+  offset: int           # first synthetic row
+  count: int            # synthetic rows (node-major, then class: ``draw``'s order)
+  mean_offset: int      # first class-mean row (the nodes' per-class mean real features)
+  mean_count: int       # class-mean rows (0 unless global training with real features)
+  server_row: dict      # server/synthetic_samples_{total,classes}
+  log_lines: tuple      # the server's aggregation log
+
+  def server_indices(self) -> np.ndarray:
+    """Rows the server's global training reads: every node's synthetic rows, then the class means."""
+    return np.concatenate([np.arange(self.offset, self.offset + self.count),
+                           np.arange(self.mean_offset, self.mean_offset + self.mean_count)]).astype(np.int64)
 
 
 def add_synthetic(cfg: Config, prepared: Any, state: gt.GenState, scale: FeatureScale, length: int, *,
-                  verbose: bool = True) -> tuple[Any, dict[str, int]]:
-  """Appends every node's synthetic train rows to the prepared data (a new Prepared; the input is kept).
+                  verbose: bool = True) -> tuple[Any, SyntheticRows]:
+  """Appends every node's synthetic rows (and, for global training, its per-class mean real features)
+  to the prepared data (a new Prepared; the input is kept).
 
-  Rows are ordinary rows of ``features`` with ordinary clip records (path ``<synthetic>``, split
-  ``train``); node n's train indices become its synthetic rows (+ its real train rows when real
-  features exist and ``train_on_real_features``). Without real features only synthetic rows remain
-  and val / test are empty.
+  Rows are ordinary rows of ``features`` with ordinary clip records (path ``<synthetic>`` /
+  ``<class mean>``, split ``train``), laid out [real | class means | synthetic] so that a redraw replaces
+  one contiguous tail. Node n's train indices are its real train rows (when real features exist and
+  ``train_on_real_features``) and its own synthetic rows (``train_on_synthetic_features``); the class
+  means belong to no node (the server's global training reads them). Without real features only
+  synthetic rows remain and val / test are empty.
 
-  Returns:
-    (prepared, server row entries ``server/synthetic_samples_{total,classes}``).
+  Raises:
+    GeneratorRunError: the generators cannot draw what the nodes hold, or a node would have nothing
+      to train on.
   """
-  g = cfg.generators
+  from a2v_jax.federated import server_train
+  g, f = cfg.generators, cfg.federation
   nodes, names = prepared.nodes, prepared.class_names
   counts = synthetic_counts(cfg, nodes)
   try:
@@ -387,35 +453,60 @@ def add_synthetic(cfg: Config, prepared: Any, state: gt.GenState, scale: Feature
   except ValueError as e:
     raise GeneratorRunError(f"Run 2 cannot draw the synthetic features its nodes need: {e}") from e
   real = prepared.features
+  info, lines = server_train.aggregate_counts(counts, names)
+  means = np.zeros((0,) + x.shape[2:], np.float32)
+  mean_clips: list[Clip] = []
+  if real is not None and f.global_model_train and g.train_on_real_features:
+    means, mlab, mnode = server_train.class_means(real, nodes.clipset.labels, _train_rows(nodes))
+    mean_clips = [Clip(path="<class mean>", label=int(c), group=f"class_mean_node{n}",
+                       clip_id=f"class_mean_n{n}_c{c}", split="train") for c, n in zip(mlab, mnode)]
   base = 0 if real is None else len(nodes.clipset)
+  offset = base + len(means)
   clips, feats, new_nodes = [], [], []
   for n, node in enumerate(nodes.nodes):
     xs, ys = x[n][valid[n]], y[n][valid[n]]
-    start = base + sum(len(f) for f in feats)
+    start = offset + sum(len(a) for a in feats)
     feats.append(xs)
     clips += [Clip(path="<synthetic>", label=int(c), group=f"synthetic_node{n}", clip_id=f"synthetic_n{n}_{j}",
                    split="train") for j, c in enumerate(ys)]
-    own = np.arange(start, start + len(xs))
+    own = np.arange(start, start + len(xs)) if g.train_on_synthetic_features else np.zeros((0,), np.int64)
     if real is None:
       empty = np.zeros((0,), np.int64)
       new_nodes.append({"train": own, "val": empty, "test": empty})
     else:
-      train = np.concatenate([np.asarray(node["train"], np.int64), own]) if g.train_on_real_features else own
-      new_nodes.append(dict(node, train=train))
+      mine = np.asarray(node["train"], np.int64) if g.train_on_real_features else np.zeros((0,), np.int64)
+      new_nodes.append(dict(node, train=np.concatenate([mine, own])))
+  idle = [n for n, node in enumerate(new_nodes) if len(node["train"]) == 0]
+  if idle:
+    raise GeneratorRunError(
+        f"Run 2: node(s) {idle} would train on nothing (train_on_real_features={g.train_on_real_features}, "
+        f"train_on_synthetic_features={g.train_on_synthetic_features}, real features "
+        f"{'present' if real is not None else 'absent: no feature cache'})")
   syn = np.concatenate(feats)
-  info = aggregate_synthetic(np.asarray([c.label for c in clips]), len(names))
+  extra = mean_clips + clips
   if real is None:
     clipset = ClipSet(f"{nodes.clipset.name}_synthetic", names, tuple(clips))
     features = syn
   else:
-    clipset = ClipSet(f"{nodes.clipset.name}+synthetic", names, nodes.clipset.clips + tuple(clips))
-    features = np.concatenate([np.asarray(real, np.float32), syn])
+    clipset = ClipSet(f"{nodes.clipset.name}+synthetic", names, nodes.clipset.clips + tuple(extra))
+    features = np.concatenate([np.asarray(real, np.float32), means, syn])
+  rows = SyntheticRows(offset, len(syn), base, len(means), info, tuple(lines))
   if verbose:
-    what = ("real + synthetic" if g.train_on_real_features else "synthetic only") if real is not None else \
-        "synthetic only (no feature cache: real evaluation is unavailable)"
+    real_part = (" real" if g.train_on_real_features else "") if real is not None else ""
+    syn_part = " + synthetic" if g.train_on_synthetic_features else ""
+    what = (real_part + syn_part).strip(" +") or "nothing"
+    if real is None:
+      what += " (no feature cache: real evaluation is unavailable)"
     print(f"Run 2: {info['server/synthetic_samples_total']} synthetic rows of {tuple(syn.shape[1:])} over "
           f"{info['server/synthetic_samples_classes']} classes; nodes train on {what}")
-  return dataclasses.replace(prepared, nodes=NodeData(clipset, tuple(new_nodes)), features=features), info
+    if f.global_model_train:
+      print("\n".join(lines))
+      print(f"server: global training on {len(syn)} synthetic rows"
+            + (f" + {len(means)} per-class mean real features" if len(means) else "")
+            + f", {f.global_model_train_epochs} epoch(s) per round, targets: "
+            + ("the nodes' heads' per-class mean outputs" if f.global_model_train_from_nodes_adapters
+               else "the class text embeddings"))
+  return dataclasses.replace(prepared, nodes=NodeData(clipset, tuple(new_nodes)), features=features), rows
 
 
 def synthetic_key(cfg: Config, round_: int) -> PRNGKey:

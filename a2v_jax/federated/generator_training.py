@@ -21,13 +21,18 @@ hashes each row's *position*, and every visit / epoch / batch key is a ``fold_in
 not depend on padding or on the other slots; so unequal clients share one compiled program (compiled
 once per configuration and padded size) and give exactly what a per-client loop gives.
 
-Reset (``reset_generator_on_class_change``). Our generators are trained once per slot and continue
-across rounds (the reference retrained every class from scratch every round, spec 5.4). With the flag
-on, a slot that has already been trained is re-initialised (params, AdamW state, epoch counter, seen
-classes) when a visit brings a class it has not seen since its last (re)initialisation -- seed 003's
-"reset when new classes appear". Consequences: ``per_class`` never resets (a slot serves one class);
-``unified`` / ``per_group`` reset when a node's (or, shared, the next node's) class set grows; with
-fixed node data nothing is ever reset after round 1. With the flag off, slots keep learning.
+Reset (``reset_generator_on_class_change``, default off as in seed 003). Our generators are trained
+once per slot and continue across rounds (the reference retrained every class from scratch every
+round, spec 5.4). With the flag on, seed 003's rule, tracked per node as its
+``previously_trained_classes``: when a node that has trained before brings classes it has not trained
+(``GenState.node_seen``), the generators those new classes map to are re-initialised (params, AdamW
+state, epoch counter, seen classes) before that node's visit -- ``per_class``: the new classes'
+generators only; ``per_group``: the generators of groups holding a new class; ``unified``: the
+generator, on any new class. A node's FIRST training is not a class change: it resets nothing, so a
+shared generator is joined, not wiped, by each node in turn (the reference reset it at every node's
+first visit and ended knowing only the last node's classes). With fixed node data nothing is reset;
+resets are for class-incremental data (a node's classes growing between calls). ``node_seen`` is part
+of the checkpoint, so a resumed run resets exactly what a straight one does (the reference lost it).
 
 Schedules. The VAE loss's beta / cosine-weight schedules (spec 5.3) are evaluated at the number of
 epochs the slot has trained since its last (re)initialisation, with E = ``generator_training_epochs``:
@@ -82,6 +87,7 @@ class GeneratorSpec:
   total_epochs: int            # E of the VAE loss schedules
   noise_std: float             # denoising input noise (0 = no augmentation)
   reset_on_new_class: bool
+  condition: str = "none"      # what cond_table holds: "onehot", "text" (class text embeddings) or "none"
   weight_decay: float = WEIGHT_DECAY
   grad_clip: float = GRAD_CLIP
 
@@ -94,20 +100,22 @@ class GeneratorSpec:
     ``use_conditioned_vae`` with 'gan' conditions the GAN's generator and discriminator alike.
     """
     source_length, feature_dim = (int(v) for v in feature_shape[-2:])
+    conditioned = cfg.generator_type == "cvae" or cfg.use_conditioned_vae
     return cls(
         generator_type="gan" if cfg.generator_type == "gan" else "vae",
-        conditioned=cfg.generator_type == "cvae" or cfg.use_conditioned_vae,
+        conditioned=conditioned,
         feature_dim=feature_dim, seq_len=cfg.generator_training_sequence_length,
         source_length=source_length, hidden_dim=cfg.generator_hidden_dim,
         latent_dim=cfg.generator_latent_dim, num_classes=int(num_classes),
         cond_dim=int(num_classes if cond_dim is None else cond_dim), batch_size=cfg.generator_batch_size,
         learning_rate=cfg.generator_learning_rate, total_epochs=cfg.generator_training_epochs,
         noise_std=cfg.generator_augmentation_noise if cfg.generator_augmentation else 0.0,
-        reset_on_new_class=cfg.reset_generator_on_class_change)
+        reset_on_new_class=cfg.reset_generator_on_class_change,
+        condition=cfg.generator_condition if conditioned else "none")
 
   def model_fields(self) -> dict[str, Any]:
     """The fields that fix the parameter shapes (what a checkpoint must agree on)."""
-    keys = ("generator_type", "conditioned", "feature_dim", "seq_len", "hidden_dim", "latent_dim",
+    keys = ("generator_type", "conditioned", "condition", "feature_dim", "seq_len", "hidden_dim", "latent_dim",
             "num_classes", "cond_dim")
     return {k: getattr(self, k) for k in keys}
 
@@ -158,6 +166,7 @@ class GenState:
   opt_state: OptState     # (G, ...)
   epoch: jax.Array        # (G,) int32, epochs trained since (re)initialisation
   seen: jax.Array         # (G, K) bool, classes trained on since (re)initialisation
+  node_seen: jax.Array    # (nodes, K) bool, classes each node has trained on (seed 003's per-node set)
   cond_table: jax.Array   # (K, cond_dim) condition of each class (one-hot unless given)
   spec: GeneratorSpec = flax.struct.field(pytree_node=False)
   layout: SlotLayout = flax.struct.field(pytree_node=False)
@@ -165,7 +174,7 @@ class GenState:
   def arrays(self) -> dict[str, Any]:
     """The array part (what a checkpoint stores)."""
     return {"params": self.params, "opt_state": self.opt_state, "epoch": self.epoch,
-            "seen": self.seen, "cond_table": self.cond_table}
+            "seen": self.seen, "node_seen": self.node_seen, "cond_table": self.cond_table}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -500,6 +509,8 @@ def init_generators(key: PRNGKey, cfg: GeneratorConfig, layout: SlotLayout, feat
   if table.shape[0] != num_classes:
     raise ValueError(f"cond_table has {table.shape[0]} rows, expected one per class ({num_classes})")
   spec = GeneratorSpec.from_config(cfg, feature_shape, num_classes, table.shape[1])
+  if spec.condition == "text" and cond_table is None:
+    raise ValueError("generator_condition 'text' needs the class text embeddings as cond_table")
   return _fresh_state(spec, layout, key, table)
 
 
@@ -507,7 +518,7 @@ def _fresh_state(spec: GeneratorSpec, layout: SlotLayout, key: PRNGKey, table: j
   g = layout.num_slots
   params, opt_state = _init_slots(spec, key, g)
   return GenState(params, opt_state, jnp.zeros((g,), jnp.int32), jnp.zeros((g, spec.num_classes), bool),
-                  table, spec, layout)
+                  jnp.zeros((layout.num_nodes, spec.num_classes), bool), table, spec, layout)
 
 
 def abstract_arrays(spec: GeneratorSpec, layout: SlotLayout) -> dict[str, Any]:
@@ -549,28 +560,39 @@ def _plan(layout: SlotLayout, pool_labels: np.ndarray, rows: list[np.ndarray], n
   return idx, msk, lab
 
 
-def _bookkeeping(spec: GeneratorSpec, seen: np.ndarray, epoch: np.ndarray, msk: np.ndarray, lab: np.ndarray,
-                 epochs: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-  """Host-side walk over the visits: (epoch0 (G, V), reset (G, V), epoch (G,), seen (G, K)) after.
+def _bookkeeping(spec: GeneratorSpec, layout: SlotLayout, seen: np.ndarray, epoch: np.ndarray,
+                 node_seen: np.ndarray, msk: np.ndarray, lab: np.ndarray, epochs: int
+                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+  """Host-side walk over the visits: (epoch0 (G, V), reset (G, V), epoch (G,), seen (G, K),
+  node_seen (nodes, K)) after this call.
 
-  The reset rule and the epoch counters depend only on labels and masks, so they are decided here
-  rather than traced (no init program inside the training program).
+  The reset rule (module docstring) and the epoch counters depend only on labels and masks, so they
+  are decided here rather than traced (no init program inside the training program).
   """
-  seen, epoch = seen.copy(), epoch.copy()
+  seen, epoch, before = seen.copy(), epoch.copy(), node_seen.copy()
   g, v = msk.shape[:2]
+  present = np.zeros((g, v, spec.num_classes), bool)
+  node_of = np.zeros((g, v), np.int64)
+  for s in range(g):
+    for j in range(v):
+      node_of[s, j] = j if layout.shared else layout.slot_node[s]
+      present[s, j, lab[s, j][msk[s, j] > 0]] = True
+  brought = np.zeros_like(before)  # classes each node brings in this call (over all its slots)
+  np.logical_or.at(brought, node_of.reshape(-1), present.reshape(-1, spec.num_classes))
+  new = brought & ~before
+  changed = before.any(1) & new.any(1)  # a node's first training is not a class change
+  key_classes = np.asarray(layout.class_to_key)[None, :] == np.asarray(layout.slot_key)[:, None]  # (G, K)
   epoch0, reset = np.zeros((g, v), np.int32), np.zeros((g, v), bool)
   for s in range(g):
     for j in range(v):
-      valid = msk[s, j] > 0
-      if valid.any():
-        present = np.zeros(spec.num_classes, bool)
-        present[lab[s, j][valid]] = True
-        if spec.reset_on_new_class and seen[s].any() and (present & ~seen[s]).any():
+      n, valid = node_of[s, j], present[s, j].any()
+      if valid:
+        if spec.reset_on_new_class and changed[n] and (new[n] & key_classes[s]).any() and seen[s].any():
           reset[s, j], seen[s], epoch[s] = True, False, 0
-        seen[s] |= present
+        seen[s] |= present[s, j]
         epoch[s] += epochs
-      epoch0[s, j] = epoch[s] - (epochs if valid.any() else 0)
-  return epoch0, reset, epoch, seen
+      epoch0[s, j] = epoch[s] - (epochs if valid else 0)
+  return epoch0, reset, epoch, seen, before | brought
 
 
 RESET_SALT = 0x5EED  # fold_in salt of the key that draws re-initialised generators
@@ -604,7 +626,8 @@ def train_generators(state: GenState, features: jax.Array, labels: Any, mask: An
     raise ValueError(f"features have dim {pool.shape[-1]}, the generators model {spec.feature_dim}")
   pool = gen.pool_tokens(jnp.asarray(pool, jnp.float32), spec.seq_len)
   idx, msk, lab = _plan(layout, pool_labels, rows, spec.num_classes, spec.batch_size)
-  epoch0, reset, epoch, seen = _bookkeeping(spec, np.asarray(state.seen), np.asarray(state.epoch), msk, lab, epochs)
+  epoch0, reset, epoch, seen, node_seen = _bookkeeping(spec, layout, np.asarray(state.seen), np.asarray(state.epoch),
+                                                       np.asarray(state.node_seen), msk, lab, epochs)
   with_reset = bool(reset.any())
   fresh = _init_slot_jit(spec, jax.random.fold_in(key, RESET_SALT)) if with_reset else None
   vid = np.arange(idx.shape[0] * idx.shape[1], dtype=np.int32).reshape(idx.shape[:2])
@@ -620,7 +643,7 @@ def train_generators(state: GenState, features: jax.Array, labels: Any, mask: An
     raise ValueError(f"unknown backend {backend!r}; choose 'vmap' or 'loop'")
   metrics = dict(metrics, rows=jnp.asarray(msk.sum(-1), jnp.int32), reset=jnp.asarray(reset))
   return state.replace(params=carry[0], opt_state=carry[1], epoch=jnp.asarray(epoch),
-                       seen=jnp.asarray(seen)), metrics
+                       seen=jnp.asarray(seen), node_seen=jnp.asarray(node_seen)), metrics
 
 
 @functools.lru_cache(maxsize=None)
