@@ -315,9 +315,16 @@ def train_and_evaluate(cfg: Config, *, resume: bool = False, verbose: bool = Tru
 
   # Run 2 with global_model_train: after FedAvg the server trains the global heads on the aggregated
   # synthetic rows (+ the nodes' per-class mean features), federated/server_train.py.
-  server_step = None
-  if pretrained is not None and cfg.federation.global_model_train:
-    server_step = _make_server_step(cfg, apply_fn, pretrained.rows, place)
+  server_step = aggregate = None
+  if pretrained is not None:
+    from a2v_jax.federated import server_train
+    srows = pretrained.rows
+    indices = srows.server_indices()
+    aggregate = server_train.make_aggregate(
+        indices, srows.nodes, prepared.nodes.clipset.labels[indices], np.arange(len(indices)) < srows.count,
+        len(prepared.class_names), cfg.train.batch_size)
+    if cfg.federation.global_model_train:
+      server_step = _make_server_step(cfg, apply_fn, srows.count + srows.mean_count, place)
 
   # Run 2: fresh synthetic rows before every round after the first (rows and labels keep their places).
   redraw = pretrained is not None and g.synthetic_resample_each_round
@@ -340,16 +347,19 @@ def train_and_evaluate(cfg: Config, *, resume: bool = False, verbose: bool = Tru
     if run1 is not None:
       run1, grow = generator_runs.train_round(cfg, run1, r)
       extra_row.update(grow)
+    if aggregate is not None:  # the server gathers what this round's participants sent, per class
+      agg_idx, agg_count, per_class = aggregate(m["participate"])
+      per_class = np.asarray(per_class)
+      extra_row.update({"server/synthetic_samples_total": int(per_class.sum()),
+                        "server/synthetic_samples_classes": int((per_class > 0).sum())})
     if server_step is not None:
-      server, srow = server_step(server, clients, data, shared, r)
+      server, srow = server_step(server, clients, data, m["participate"], agg_idx, agg_count, shared, r)
       extra_row.update(srow)
     if kd is not None:
       gens = (run1.state, run1.scale) if run1 is not None else (pretrained.state, pretrained.scale)
       server, krow = kd_round(cfg, kd, server, clients, gens, kd_weights, int(token_shape[0]), r, place)
       server = place.replicated(server)
       extra_row.update(krow)
-    if pretrained is not None:
-      extra_row.update(pretrained.server_row)
     round_times.append(time.time() - t0)
     row: dict[str, Any] = {"round": r, "round_seconds": round(round_times[-1], 4)}
     for k, v in m.items():
@@ -401,20 +411,21 @@ def train_and_evaluate(cfg: Config, *, resume: bool = False, verbose: bool = Tru
   return summary
 
 
-def _make_server_step(cfg: Config, apply_fn, rows: generator_runs.SyntheticRows,
-                      place: distributed.Placement):
-  """``step(server, clients, data, shared, round) -> (server, row)``: Run 2's server global training."""
+def _make_server_step(cfg: Config, apply_fn, max_rows: int, place: distributed.Placement):
+  """``step(server, clients, data, participate, idx, count, shared, round) -> (server, row)``: Run 2's
+  server global training on the rows ``server_train.make_aggregate`` gathered from the round's participants
+  (``idx``, the first ``count`` valid; one compiled program whatever the sample)."""
   from a2v_jax.federated import server_train
-  idx, count = pad_indices(rows.server_indices(), cfg.train.batch_size)
-  train = server_train.make_server_train(cfg, apply_fn, count)
+  train = server_train.make_server_train(cfg, apply_fn, max_rows)
   node_targets = (server_train.make_node_targets(apply_fn, cfg.train.batch_size)
                   if cfg.federation.global_model_train_from_nodes_adapters else None)
-  idx = place.inputs(idx, clients=False)
 
-  def step(server, clients, data: engine.RoundData, shared: Shared, round_: int):
+  def step(server, clients, data: engine.RoundData, participate, idx, count, shared: Shared, round_: int):
     t0 = time.time()
-    table = shared.targets if node_targets is None else node_targets(clients.params, data.idx, data.count, shared)
+    table = shared.targets if node_targets is None else node_targets(
+        clients.params, data.idx, data.count * jnp.asarray(participate, data.count.dtype), shared)
     key = place.inputs(server_train.server_key(cfg, round_), clients=False)
+    idx, count = place.inputs(np.asarray(idx), clients=False), int(count)
     params, metrics = train(server.params, idx, count, shared._replace(targets=table), key)
     metrics = place.host(metrics)
     row = {}

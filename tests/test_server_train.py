@@ -28,10 +28,28 @@ def test_aggregation_counts_per_class_across_nodes():
   counts = np.array([[10, 0, 10], [10, 4, 0], [10, 0, 0]])
   row, lines = st.aggregate_counts(counts, ["dog", "rain", "car"])
   assert row == {"server/synthetic_samples_total": 44, "server/synthetic_samples_classes": 3}
-  assert lines[0] == "server: aggregated 44 synthetic samples across 3 classes from 3 node(s)"
+  assert lines[0] == "server: Aggregated 44 synthetic samples across 3 classes from 3 node(s)"
   assert lines[1:] == ["  - dog: 30 samples (10 per node x 3 node(s))", "  - rain: 4 samples (4 per node x 1 node(s))",
                        "  - car: 10 samples (10 per node x 1 node(s))"]
   assert st.aggregate_counts(np.array([[3, 0], [5, 0]]), ["a", "b"])[1][1] == "  - a: 8 samples (from 2 node(s))"
+
+
+@pytest.mark.parametrize("participate", [[True, True, True], [True, False, True], [False, True, False, False]])
+def test_aggregate_gathers_the_participants_rows_per_class_like_numpy(participate):
+  """Nodes with different class sets (node 0: classes 0, 1; node 1: 2; node 2: 1, 3), synthetic rows then
+  class-mean rows; the jitted gather against a numpy boolean gather of the same rows, per participation
+  mask (the last one padded with a client that holds nothing)."""
+  rng = np.random.default_rng(0)
+  nodes = np.array([0] * 5 + [1] * 3 + [2] * 4 + [0, 0, 1, 2, 2])
+  labels = np.array([0, 0, 1, 1, 1, 2, 2, 2, 1, 3, 3, 3, 0, 1, 2, 1, 3])
+  synthetic = np.arange(len(nodes)) < 12
+  indices = rng.permutation(100)[:len(nodes)]
+  agg = st.make_aggregate(indices, nodes, labels, synthetic, num_classes=5, multiple=4)
+  idx, count, per_class = jax.tree.map(np.asarray, agg(np.asarray(participate)))
+  take = np.asarray(participate)[nodes]
+  assert idx.shape == (20,) and int(count) == take.sum()
+  np.testing.assert_array_equal(idx[:count], indices[take])
+  np.testing.assert_array_equal(per_class, np.bincount(labels[take & synthetic], minlength=5))
 
 
 def test_class_means_are_each_nodes_mean_feature_per_class():
@@ -141,7 +159,7 @@ def test_run2_server_step_end_to_end_and_resumed(run1, capsys):
   staged, gens = start_pretrained(cfg, prep, verbose=True)
   out = capsys.readouterr().out
   counts = grn.synthetic_counts(cfg, prep.nodes)
-  assert f"server: aggregated {counts.sum()} synthetic samples across 4 classes from 3 node(s)" in out
+  assert f"server: Aggregated {counts.sum()} synthetic samples across 4 classes from 3 node(s)" in out
   for n, node in enumerate(staged.nodes.nodes):  # nodes: real train rows only
     np.testing.assert_array_equal(node["train"], prep.nodes.nodes[n]["train"])
   rows = gens.rows
@@ -177,6 +195,25 @@ def test_run2_server_step_end_to_end_and_resumed(run1, capsys):
                      resume=True, verbose=False, prepared=prep)
   drop = lambda rs: [{k: v for k, v in r.items() if not k.endswith("seconds")} for r in rs]
   assert drop(_rows(tmp / "r2_split")) == drop(logged)
+
+
+def test_sampled_rounds_aggregate_only_the_participants_samples(run1):
+  """join_ratio < 1: each round's server/synthetic_samples_total is what the round's sampled nodes (those
+  with a training loss) hold; the sample changes between rounds, so the totals follow it."""
+  tmp, prep = run1
+  cfg = _cfg(tmp, "r2s", *GLOBAL, "join_ratio=0.67", "global_rounds=6", "eval_gap=0")
+  train_and_evaluate(cfg, verbose=False, prepared=prep)
+  per_node = grn.synthetic_counts(cfg, prep.nodes)  # (C, K)
+  seen = set()
+  for row in _rows(tmp / "r2s"):
+    took = np.array([row[f"train/node_{i}/clip_loss"] != 0.0 for i in range(3)])
+    seen.add(tuple(took))
+    assert took.sum() == 2
+    assert row["server/synthetic_samples_total"] == per_node[took].sum()
+    assert row["server/synthetic_samples_classes"] == (per_node[took].sum(0) > 0).sum()
+    n_means = sum(len(np.unique(prep.nodes.clipset.labels[prep.nodes.nodes[i]["train"]])) for i in np.flatnonzero(took))
+    assert row["server/global_train_samples"] == per_node[took].sum() + n_means
+  assert len(seen) > 1
 
 
 def test_nodes_adapters_targets_run(run1):

@@ -419,8 +419,9 @@ class SyntheticRows:
   count: int            # synthetic rows (node-major, then class: ``draw``'s order)
   mean_offset: int      # first class-mean row (the nodes' per-class mean real features)
   mean_count: int       # class-mean rows (0 unless global training with real features)
-  server_row: dict      # server/synthetic_samples_{total,classes}
+  server_row: dict      # server/synthetic_samples_{total,classes} when every node takes part
   log_lines: tuple      # the server's aggregation log
+  nodes: np.ndarray     # (count + mean_count,) the node each ``server_indices`` row comes from
 
   def server_indices(self) -> np.ndarray:
     """Rows the server's global training reads: every node's synthetic rows, then the class means."""
@@ -455,6 +456,7 @@ def add_synthetic(cfg: Config, prepared: Any, state: gt.GenState, scale: Feature
   real = prepared.features
   info, lines = server_train.aggregate_counts(counts, names)
   means = np.zeros((0,) + x.shape[2:], np.float32)
+  mnode = np.zeros((0,), np.int64)
   mean_clips: list[Clip] = []
   if real is not None and f.global_model_train and g.train_on_real_features:
     means, mlab, mnode = server_train.class_means(real, nodes.clipset.labels, _train_rows(nodes))
@@ -490,7 +492,9 @@ def add_synthetic(cfg: Config, prepared: Any, state: gt.GenState, scale: Feature
   else:
     clipset = ClipSet(f"{nodes.clipset.name}+synthetic", names, nodes.clipset.clips + tuple(extra))
     features = np.concatenate([np.asarray(real, np.float32), means, syn])
-  rows = SyntheticRows(offset, len(syn), base, len(means), info, tuple(lines))
+  syn_nodes = np.repeat(np.arange(len(feats)), [len(a) for a in feats])
+  rows = SyntheticRows(offset, len(syn), base, len(means), info, tuple(lines),
+                       np.concatenate([syn_nodes, mnode]).astype(np.int32))
   if verbose:
     real_part = (" real" if g.train_on_real_features else "") if real is not None else ""
     syn_part = " + synthetic" if g.train_on_synthetic_features else ""

@@ -52,15 +52,16 @@ def aggregate_counts(counts: np.ndarray, class_names: Sequence[str]) -> tuple[di
     class_names: K names.
 
   Returns:
-    ({server/synthetic_samples_total, server/synthetic_samples_classes}, lines): the seed's log,
-    "Aggregated N synthetic samples across K classes" then one line per class.
+    ({server/synthetic_samples_total, server/synthetic_samples_classes}, lines): the design notes' log,
+    "Aggregated N synthetic samples across K classes" then one line per class, for a round in which
+    every node takes part (``make_aggregate`` counts each round's participants).
   """
   counts = np.asarray(counts, np.int64)
   per_class = counts.sum(0)
   row = {"server/synthetic_samples_total": int(per_class.sum()),
          "server/synthetic_samples_classes": int((per_class > 0).sum())}
   senders = int((counts.sum(1) > 0).sum())
-  lines = [f"server: aggregated {row['server/synthetic_samples_total']} synthetic samples across "
+  lines = [f"server: Aggregated {row['server/synthetic_samples_total']} synthetic samples across "
            f"{row['server/synthetic_samples_classes']} classes from {senders} node(s)"]
   for k in np.flatnonzero(per_class):
     holders = counts[:, k][counts[:, k] > 0]
@@ -68,6 +69,44 @@ def aggregate_counts(counts: np.ndarray, class_names: Sequence[str]) -> tuple[di
            else f"from {len(holders)} node(s)")
     lines.append(f"  - {class_names[k]}: {per_class[k]} samples ({how})")
   return row, lines
+
+
+def make_aggregate(indices: np.ndarray, nodes: np.ndarray, labels: np.ndarray, synthetic: np.ndarray,
+                   num_classes: int, multiple: int) -> Callable:
+  """``aggregate(participate) -> (idx, count, per_class)``: the server's per-class gather of one round.
+
+  What the round's participants send -- their synthetic rows (and class-mean rows) -- is gathered by one
+  jitted call over a fixed-size index vector, so the server step compiles once whatever the sample:
+  the rows of nodes with ``participate[node]`` come first, in their original (node-major, then class)
+  order, the rest follow as padding.
+
+  Args:
+    indices: (N,) candidate rows of the feature array (every node's synthetic rows, then class means).
+    nodes: (N,) the node each row comes from.
+    labels: (N,) the class of each row.
+    synthetic: (N,) bool, synthetic rows (counted in ``per_class``; class means are not samples).
+    num_classes: K.
+    multiple: the server step's batch size (``idx`` is padded to a multiple of it).
+
+  Returns of the jitted function (``participate``: (C,) bool over the engine's clients):
+    idx (P,) int32 with the round's rows first, count (rows to train on), per_class (K,) synthetic
+    samples the server aggregated per class this round.
+  """
+  n = len(indices)
+  size = max(multiple, -(-n // multiple) * multiple)
+  fill = lambda a, v: np.concatenate([np.asarray(a), np.full((size - n,), v, np.asarray(a).dtype)])
+  idx_all = jnp.asarray(fill(np.asarray(indices, np.int32), indices[0] if n else 0))
+  node = jnp.asarray(fill(np.asarray(nodes, np.int32), -1))
+  label = jnp.asarray(fill(np.asarray(labels, np.int32), 0))
+  syn = jnp.asarray(fill(np.asarray(synthetic, bool), False))
+
+  def aggregate(participate):
+    valid = (node >= 0) & jnp.asarray(participate, bool)[jnp.maximum(node, 0)]
+    order = jnp.argsort(~valid, stable=True)
+    per_class = jax.ops.segment_sum((valid & syn).astype(jnp.int32), label, num_segments=num_classes)
+    return idx_all[order], valid.sum(), per_class
+
+  return jax.jit(aggregate)
 
 
 def class_means(features: Any, labels: np.ndarray, node_rows: Sequence[np.ndarray]
