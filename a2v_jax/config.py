@@ -196,16 +196,24 @@ class FederationConfig:
   adapter_load_checkpoint: Optional[str] = None
 
 
+def generator_condition(g: "GeneratorConfig") -> Optional[str]:
+  """What a conditioned generator is conditioned on ("text" unless set to "onehot"); None if unconditioned."""
+  if not (g.generator_type == "cvae" or g.use_conditioned_vae):
+    return None
+  return g.generator_condition or "text"
+
+
 @dataclasses.dataclass(frozen=True)
 class GeneratorConfig:
   """VAE / GAN generators of AST features (Run 1 trains, Run 2 restores)."""
   use_generator: bool = False
   generator_type: Literal["vae", "cvae", "gan"] = "vae"
   use_conditioned_vae: bool = False
-  # Condition of a conditioned generator: "onehot" (the class index) or "text" (seed 001's visual
-  # condition: the class's text embedding -- the pooled CLIP target where the heads have a clip branch,
-  # the T5 target's token mean for cogx -- scaled to unit norm).
-  generator_condition: Literal["onehot", "text"] = "onehot"
+  # Condition of a conditioned generator (cvae / use_conditioned_vae): "text" (the default when unset:
+  # seed 001's visual condition, the class's text embedding -- the pooled CLIP target where the heads have
+  # a clip branch, the T5 target's token mean for cogx -- scaled to unit norm) or "onehot" (the class
+  # index). Setting it for an unconditioned generator is refused (it would be ignored).
+  generator_condition: Optional[Literal["onehot", "text"]] = None
   generator_training_mode: bool = False
   generator_only_mode: bool = False
   use_pretrained_generators: bool = False
@@ -533,9 +541,9 @@ def validate(cfg: Config) -> None:
         f"config key 'adapter_dropout' is {cfg.heads.adapter_dropout}, but dropout is not applied (fedgfe reads "
         "the key and ignores it too; it is accepted only so reference configs load); set it to 0")
   conditioned = g.generator_type == "cvae" or g.use_conditioned_vae
-  if g.generator_condition == "text" and not conditioned:
-    raise ConfigError("config key 'generator_condition' is 'text' but the generator is unconditioned; set "
-                      "'generator_type': 'cvae' (or 'use_conditioned_vae': true)")
+  if g.generator_condition is not None and not conditioned:
+    raise ConfigError(f"config key 'generator_condition' is {g.generator_condition!r} but the generator is "
+                      "unconditioned; set 'generator_type': 'cvae' (or 'use_conditioned_vae': true), or drop the key")
   if g.use_generator and not (g.generator_training_mode or g.generator_only_mode or g.use_pretrained_generators):
     raise ConfigError("config key 'use_generator' is true but generators are neither trained "
                       "('generator_training_mode': true, Run 1) nor restored ('use_pretrained_generators': true, "

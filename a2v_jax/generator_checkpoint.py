@@ -47,7 +47,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-from a2v_jax.config import GeneratorConfig
+from a2v_jax.config import GeneratorConfig, generator_condition
 from a2v_jax.federated import distributed
 from a2v_jax.federated.generator_training import GeneratorSpec, GenState, SlotLayout, abstract_arrays
 
@@ -255,7 +255,7 @@ def _expected_text(cfg: GeneratorConfig, feature_dim: Optional[int], num_classes
                    class_names: Optional[Sequence[str]]) -> str:
   """What a restore looks for, in words: the layout on disk and the generators this config describes."""
   what = [f"generator_type={cfg.generator_type!r}", f"granularity={cfg.generator_granularity!r}",
-          f"condition={cfg.generator_condition!r}",
+          f"condition={generator_condition(cfg) or 'none'!r}",
           f"hidden_dim={cfg.generator_hidden_dim}", f"latent_dim={cfg.generator_latent_dim}",
           f"sequence_length={cfg.generator_training_sequence_length}"]
   if feature_dim is not None:

@@ -41,9 +41,14 @@ REFERENCE_DEFAULTS: dict[str, Any] = {
     "optimizer_clip_gradients": False, "use_cls_token_only": False,
     "generate_nodes_images_frequency": 0, "generate_global_images_frequency": 0,
     "save_embeddings_instead_of_images": False,
+    # An embeddings-only run saved every round unless told otherwise (seed 004:
+    # feda2v.get('embeddings_save_frequency', 1)); ours defaults to 0 (never), which lost them.
+    "embeddings_save_frequency": 1,
     "use_generator": False, "generator_type": "vae", "use_conditioned_vae": False,
     "generator_granularity": "unified", "generator_augmentation": False,
-    "generator_save_checkpoint": False, "generator_load_checkpoint": False,
+    # fedgfe's clients saved their generators in Run 1 whatever generator_save_checkpoint said (that key
+    # only gated a dead server-side save, spec 8.2): a translated Run 1 keeps them too.
+    "generator_save_checkpoint": True, "generator_load_checkpoint": False,
     "generator_checkpoint_frequency": 5,
     # Hard-coded VAE generator (spec 5.2-5.4): MLP 1024 hidden, 256 latent, batch 1, lr 1e-2.
     "generator_hidden_dim": 1024, "generator_latent_dim": 256, "generator_batch_size": 1,

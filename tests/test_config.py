@@ -70,3 +70,16 @@ def test_shipped_configs_load():
 def test_hash_changes_with_content():
   a, b = config.load(None), config.load(None, ["seed=1"])
   assert a.hash() != b.hash() and a.hash() == config.load(None).hash()
+
+
+def test_conditioned_generators_default_to_the_text_condition():
+  """Seed 001's cVAE is conditioned on the class text embedding; one-hot stays as its own value, and a
+  condition for an unconditioned generator is refused (it would be ignored)."""
+  from a2v_jax.config import generator_condition
+  assert generator_condition(config.load(None, ['generator_type="cvae"']).generators) == "text"
+  assert generator_condition(config.load(None, ["use_conditioned_vae=true"]).generators) == "text"
+  assert generator_condition(config.load(None, ['generator_type="cvae"', 'generator_condition="onehot"']
+                                         ).generators) == "onehot"
+  assert generator_condition(config.load(None, []).generators) is None
+  with pytest.raises(ConfigError, match="'generator_condition' is 'onehot' but the generator is unconditioned"):
+    config.load(None, ['generator_condition="onehot"'])

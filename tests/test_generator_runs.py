@@ -381,7 +381,7 @@ def test_text_conditioned_cvae_trains_on_the_class_text_embeddings_and_checks_th
   with pytest.raises(gc.GeneratorCheckpointError, match=r"conditioned on other text embeddings for classes \['c2'\]"):
     run2(dataclasses.replace(prep, targets=moved), 'generator_condition="text"')
   with pytest.raises(gc.GeneratorCheckpointError, match="condition: checkpoint has 'text', expected 'onehot'"):
-    run2(prep)
+    run2(prep, 'generator_condition="onehot"')
   assert not (tmp_path / "r2").exists()
   summary = run2(prep, 'generator_condition="text"', "global_rounds=1")  # the same texts: it runs
   assert 0.0 <= summary["final"]["test/server/clip_accuracy_on_test"] <= 1.0

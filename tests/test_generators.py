@@ -328,7 +328,7 @@ def test_toy_clusters_loss_decreases_and_synthetic_trains_a_classifier():
 def test_conditioned_per_group_samples_the_requested_classes():
   feats, labels, mask = node_data(1)
   groups = {"g": [0]}  # class 1 -> 'other'
-  cfg = cfg_of(generator_type="cvae", generator_granularity="per_group", generator_class_groups=groups,
+  cfg = cfg_of(generator_type="cvae", generator_condition="onehot", generator_granularity="per_group", generator_class_groups=groups,
                generator_training_epochs=2)
   lay = gt.make_layout(cfg, labels, mask, K)
   state = gt.init_generators(jax.random.key(0), cfg, lay, (T, D), K)

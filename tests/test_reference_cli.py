@@ -58,3 +58,41 @@ def test_reference_config_dry_run(tmp_path, capsys):
   assert "3 problem(s)" in out and "ast-finetuned-audioset" in out
   tiny = [a for k in ("ast_model", "clip_text_model", "t5_model") for a in ("--set", f'{k}="tiny"')]
   assert main(base + tiny) == 0
+
+
+def _run_translated(tmp_path, name, feda2v, capsys):
+  _vegas_tree(tmp_path)
+  _reference_json(tmp_path / f"{name}.json")
+  ref = json.loads((tmp_path / f"{name}.json").read_text())
+  ref["feda2v"].update(feda2v)
+  ref["experiment"]["name"] = name
+  (tmp_path / f"{name}.json").write_text(json.dumps(ref))
+  small = ["clip_adapter_hidden=[8]", "t5_adapter_hidden=[8]", "map_heads=2", "generator_hidden_dim=8",
+           "generator_latent_dim=4", "generator_batch_size=4", "generator_training_epochs=1", "max_length=128"]
+  argv = ["--config", str(tmp_path / f"{name}.json"), "--quiet"]
+  for kv in [f'dataset_root="{tmp_path}"', f'tiny_dir="{tmp_path / "bb"}"', f'output_dir="{tmp_path / "runs"}"',
+             f'cache_dir="{tmp_path / "cache"}"', 'ast_model="tiny"', 'clip_text_model="tiny"', 't5_model="tiny"',
+             *small]:
+    argv += ["--set", kv]
+  assert main(argv) == 0, capsys.readouterr().err
+  return tmp_path / "runs" / name
+
+
+def test_translated_run1_saves_its_generators(tmp_path, capsys):
+  """fedgfe's clients always saved their Run 1 generators; the translated config keeps them."""
+  gens = tmp_path / "gens"
+  _run_translated(tmp_path, "ref_run1", {"use_generator": True, "generator_training_mode": True,
+                                         "generator_checkpoint_dir": str(gens)}, capsys)
+  root = gens / "generator"  # generator_checkpoint_base_name's default
+  rounds = sorted(p.name for p in root.iterdir() if p.name.startswith("round_"))
+  assert rounds[-1] == "round_00002" and (root / "round_00002" / "manifest.json").is_file(), rounds
+
+
+def test_translated_embeddings_only_run_saves_embeddings_every_round(tmp_path, capsys):
+  """Seed 004: generate_embeddings_only saves every round unless embeddings_save_frequency says otherwise."""
+  emb = tmp_path / "emb"
+  _run_translated(tmp_path, "ref_emb", {"generate_embeddings_only": True, "embeddings_checkpoint_dir": str(emb)},
+                  capsys)
+  names = sorted(p.name for p in emb.rglob("*.safetensors"))
+  for r in (1, 2):
+    assert f"server_embeddings_r{r}.safetensors" in names, names

@@ -142,8 +142,8 @@ def draw(state: gt.GenState, scale: FeatureScale, key: PRNGKey, counts: np.ndarr
 
 def text_conditioned(cfg: Config) -> bool:
   """Whether the generators are conditioned on the class text embeddings (so need the text targets)."""
-  g = cfg.generators
-  return (g.generator_type == "cvae" or g.use_conditioned_vae) and g.generator_condition == "text"
+  from a2v_jax.config import generator_condition
+  return generator_condition(cfg.generators) == "text"
 
 
 def condition_table(cfg: Config, targets: dict, num_classes: int) -> Optional[np.ndarray]:

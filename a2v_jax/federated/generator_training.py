@@ -58,7 +58,7 @@ import numpy as np
 import optax
 from jax.flatten_util import ravel_pytree
 
-from a2v_jax.config import ConfigError, GeneratorConfig
+from a2v_jax.config import ConfigError, GeneratorConfig, generator_condition
 from a2v_jax.models import generators as gen
 from a2v_jax.types import Metrics, OptState, Params, PRNGKey
 
@@ -111,7 +111,7 @@ class GeneratorSpec:
         learning_rate=cfg.generator_learning_rate, total_epochs=cfg.generator_training_epochs,
         noise_std=cfg.generator_augmentation_noise if cfg.generator_augmentation else 0.0,
         reset_on_new_class=cfg.reset_generator_on_class_change,
-        condition=cfg.generator_condition if conditioned else "none")
+        condition=generator_condition(cfg) or "none")
 
   def model_fields(self) -> dict[str, Any]:
     """The fields that fix the parameter shapes (what a checkpoint must agree on)."""

@@ -1,0 +1,80 @@
+"""No accepted-but-ignored config key: every field of every config section is read by the code that uses it,
+or refused (with a message naming it) wherever it would have no effect.
+
+How it can fail: a new field that nothing reads, a reader removed by a refactor, or a refusal dropped.
+"""
+
+import dataclasses
+import re
+from pathlib import Path
+
+import pytest
+
+from a2v_jax import config
+from a2v_jax.config import ConfigError
+
+ROOT = Path(__file__).resolve().parents[1]
+SOURCES = {p.relative_to(ROOT).as_posix(): p.read_text()
+           for d in ("a2v_jax", "experiments") for p in (ROOT / d).rglob("*.py") if p.name != "config.py"}
+
+# Read by name built at run time (per branch / per backbone kind): where, and the text that reads it.
+DYNAMIC = {
+    "clip_adapter_learning_rate": ("a2v_jax/federated/optim.py", 'getattr(t, f"{b}_adapter_learning_rate")'),
+    "t5_adapter_learning_rate": ("a2v_jax/federated/optim.py", 'getattr(t, f"{b}_adapter_learning_rate")'),
+    "clip_adapter_learning_rate_schedule": ("a2v_jax/federated/optim.py",
+                                            'getattr(t, f"{b}_adapter_learning_rate_schedule")'),
+    "t5_adapter_learning_rate_schedule": ("a2v_jax/federated/optim.py",
+                                          'getattr(t, f"{b}_adapter_learning_rate_schedule")'),
+    "clip_adapter_weight_decay": ("a2v_jax/federated/optim.py", 'getattr(cfg.train, f"{branch}_adapter_weight_decay")'),
+    "t5_adapter_weight_decay": ("a2v_jax/federated/optim.py", 'getattr(cfg.train, f"{branch}_adapter_weight_decay")'),
+    "sd_model": ("a2v_jax/backbones/paths.py", '"sd": "sd_model"'),
+    "flux_model": ("a2v_jax/backbones/paths.py", '"flux": "flux_model"'),
+    "clip_vision_model": ("a2v_jax/backbones/paths.py", '"clip": "clip_vision_model"'),
+    "generator_condition": ("a2v_jax/federated/generator_training.py", "generator_condition(cfg)"),
+}
+# Fields with no effect on the computation by design, and why.
+DOCUMENTATION = {
+    "description": "free text about the run; kept in config.json, never changes results (resumable)",
+}
+# Refused, with a message naming the key, in the settings where they would be ignored.
+REFUSED = {
+    "adapter_dropout": ["adapter_dropout=0.1"],
+    "generator_load_checkpoint": ["generator_load_checkpoint=true"],  # only Run 2 restores generators
+    "generator_condition": ['generator_condition="text"'],            # an unconditioned generator
+    "t5_latents": ["t5_latents=5"],                                   # one latent per T5 token
+    "use_generator": ["use_generator=true"],                          # neither Run 1 nor Run 2
+    "global_model_train": ["global_model_train=true"],                # no generators to draw from
+    "adapter_load_checkpoint": ['adapter_load_checkpoint="x"'],       # generate needs generators
+}
+
+
+def _fields():
+  for section in dataclasses.fields(config.Config):
+    for f in dataclasses.fields(getattr(config.Config(), section.name)):
+      yield section.name, f.name
+
+
+def test_every_config_field_is_read_or_documented():
+  unread = []
+  for section, name in _fields():
+    if name in DOCUMENTATION or name in REFUSED:  # REFUSED: tested below
+      continue
+    if name in DYNAMIC:
+      path, text = DYNAMIC[name]
+      assert text in SOURCES[path], f"{section}.{name}: {path} no longer reads it as {text!r}"
+      continue
+    if not any(re.search(rf"\.{name}\b", src) for src in SOURCES.values()):
+      unread.append(f"{section}.{name}")
+  assert not unread, f"config keys accepted but read nowhere outside config.py: {unread}"
+
+
+@pytest.mark.parametrize("key", sorted(REFUSED))
+def test_keys_are_refused_where_they_would_be_ignored(key):
+  for override in REFUSED[key]:
+    with pytest.raises(ConfigError, match=f"'{key}'"):
+      config.load(None, [override])
+
+
+def test_the_lists_name_real_fields():
+  names = {n for _, n in _fields()}
+  assert set(DYNAMIC) | set(DOCUMENTATION) | set(REFUSED) <= names
