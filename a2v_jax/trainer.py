@@ -427,18 +427,22 @@ def _make_server_step(cfg: Config, apply_fn, max_rows: int, place: distributed.P
     key = place.inputs(server_train.server_key(cfg, round_), clients=False)
     idx, count = place.inputs(np.asarray(idx), clients=False), int(count)
     params, metrics = train(server.params, idx, count, shared._replace(targets=table), key)
-    metrics = place.host(metrics)
-    row = {}
-    for k, v in metrics.items():
-      if not np.all(np.isfinite(v)):
-        raise TrainingError(f"non-finite {k} in the server's global training of round {round_}; stopping (the "
-                            "last good checkpoint is kept)")
-      row[f"server/global_train_{k}"] = float(v)
+    metrics = _finite(place.host(metrics), "the server's global training", round_)
+    row = {f"server/global_train_{k}": float(v) for k, v in metrics.items()}
     row["server/global_train_samples"] = int(count)
     row["server/global_train_seconds"] = round(time.time() - t0, 4)
     return place.replicated(server.replace(params=params)), row
 
   return step
+
+
+def _finite(metrics: dict[str, Any], stage: str, round_: int) -> dict[str, Any]:
+  """``metrics`` if every value is finite; else the run stops (its last good checkpoint is kept)."""
+  for k, v in metrics.items():
+    if not np.all(np.isfinite(v)):
+      raise TrainingError(f"non-finite {k} in {stage} of round {round_}; stopping (the last good checkpoint is "
+                          "kept)")
+  return metrics
 
 
 def kd_round(cfg: Config, kd: kd_lib.KD, server, clients, gens: tuple[Any, Any], weights: np.ndarray,
@@ -455,12 +459,9 @@ def kd_round(cfg: Config, kd: kd_lib.KD, server, clients, gens: tuple[Any, Any],
   x, mask, weights, dkey = place.inputs((x, mask, weights, jax.random.fold_in(key, 1)), clients=False)
   teacher = kd.teacher(clients.params, weights, x)
   params, metrics = kd.distill(server.params, x, mask, teacher, dkey)
-  metrics = place.host(metrics)
+  metrics = _finite(place.host(metrics), "the KD stage", round_)
   row = {}
   for k, v in metrics.items():
-    if not np.all(np.isfinite(v)):
-      raise TrainingError(f"non-finite {k} in the KD stage of round {round_}; stopping (the last good "
-                          "checkpoint is kept)")
     if k.endswith("_epoch_loss"):  # first and last epoch of the batch losses
       row[f"server/{k[:-len('_epoch_loss')]}_first_epoch_loss"] = float(v[0])
       row[f"server/{k[:-len('_epoch_loss')]}_last_epoch_loss"] = float(v[-1])

@@ -67,3 +67,13 @@ def test_metrics_against_numpy():
   m2 = metrics.branch_metrics(jnp.asarray(pred), jnp.asarray(labels), jnp.asarray(table),
                               jnp.asarray([1, 1, 1, 1, 1, 0.0]))
   assert float(m2["accuracy"]) == pytest.approx(np.mean((nearest == labels)[:5]))
+
+
+def test_nearest_target_is_by_cosine_not_euclidean_distance():
+  """A case where the two disagree: the prediction points along target 1 but lies closer to target 0."""
+  table = np.array([[1.0, 0.0], [0.0, 10.0]], np.float32)
+  pred = np.array([[0.1, 1.0], [5.0, 0.1]], np.float32)  # row 0: euclid -> 0, cosine -> 1; row 1: both -> 0
+  labels = np.array([1, 0])
+  assert np.argmin(np.linalg.norm(pred[0] - table, axis=1)) == 0  # Euclidean would pick target 0
+  m = metrics.branch_metrics(jnp.asarray(pred), jnp.asarray(labels), jnp.asarray(table), jnp.ones((2,)))
+  assert float(m["accuracy"]) == 1.0  # cosine picks 1 for row 0 and 0 for row 1
