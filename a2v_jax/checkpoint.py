@@ -22,12 +22,14 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from a2v_jax.errors import A2VError
+
 # Keys that may differ between a run and its resumption (they do not change the computation).
 RESUMABLE_KEYS = {"global_rounds", "description", "checkpoint_frequency", "max_to_keep", "eval_gap",
                   "output_dir", "wandb", "cache_dir", "tiny_dir", "embeddings_save_frequency"}
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(A2VError, RuntimeError):
   """A checkpoint that cannot be used, with the reason."""
 
 

@@ -24,11 +24,13 @@ import typing
 from pathlib import Path
 from typing import Any, Literal, Optional
 
+from a2v_jax.errors import A2VError
+
 DiffusionType = Literal["sd", "flux", "cogx"]
 DriftCorrection = Literal["none", "fedprox", "scaffold"]
 
 
-class ConfigError(ValueError):
+class ConfigError(A2VError, ValueError):
   """A configuration problem, with a message that names the offending key."""
 
 

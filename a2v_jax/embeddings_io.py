@@ -31,6 +31,8 @@ from typing import Any, Mapping, Optional, Sequence
 
 import numpy as np
 
+from a2v_jax.errors import A2VError
+
 FORMAT = "a2v_jax.embeddings"
 VERSION = 1
 SUFFIX = ".safetensors"
@@ -44,7 +46,7 @@ BRANCH_NDIM: dict[str, dict[str, int]] = {
 }
 
 
-class EmbeddingsFileError(ValueError):
+class EmbeddingsFileError(A2VError, ValueError):
   """A missing, corrupt or inconsistent embeddings file; the message names the file."""
 
 

@@ -21,13 +21,14 @@ from typing import Callable, Mapping, Optional, Sequence
 import numpy as np
 from tqdm.auto import tqdm
 
+from a2v_jax.errors import A2VError
 from a2v_jax.config import Config
 from a2v_jax.data.records import ClipSet
 
 MAX_LISTED = 20
 
 
-class FeatureError(RuntimeError):
+class FeatureError(A2VError, RuntimeError):
   """Feature extraction failed (bad audio files are listed)."""
 
 

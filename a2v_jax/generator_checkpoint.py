@@ -47,6 +47,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from a2v_jax.errors import A2VError
 from a2v_jax.config import GeneratorConfig, generator_condition
 from a2v_jax.federated import distributed
 from a2v_jax.federated.generator_training import GeneratorSpec, GenState, SlotLayout, abstract_arrays
@@ -62,7 +63,7 @@ SAVE_TIMEOUT_S = 1800
 _saves = 0  # saves so far in this process: every process saves in the same order, so barrier names agree
 
 
-class GeneratorCheckpointError(RuntimeError):
+class GeneratorCheckpointError(A2VError, RuntimeError):
   """A generator checkpoint is missing, partial, corrupt or written for something else."""
 
 

@@ -28,13 +28,14 @@ from typing import Any, Callable, Mapping, NamedTuple, Optional
 import jax
 import jax.numpy as jnp
 
+from a2v_jax.errors import A2VError
 from a2v_jax.config import DriftCorrection
 from a2v_jax.types import Params
 
 GiB = 1024 ** 3
 
 
-class MemoryPlanError(RuntimeError):
+class MemoryPlanError(A2VError, RuntimeError):
   """The requested client count cannot fit the memory budget (the message says what would)."""
 
 

@@ -33,6 +33,7 @@ from typing import Any, Literal, Optional, Sequence
 
 import numpy as np
 
+from a2v_jax.errors import A2VError
 from a2v_jax import embeddings_io
 from a2v_jax.config import BackboneConfig, OutputConfig
 
@@ -43,7 +44,7 @@ SUMMARY_FILE = "render_summary.json"
 _OUT = OutputConfig()
 
 
-class RenderError(RuntimeError):
+class RenderError(A2VError, RuntimeError):
   """A problem that stops rendering (bad arguments, no input, protected output, --on_error stop)."""
 
 

@@ -22,10 +22,12 @@ import socket
 import time
 from pathlib import Path
 
+from a2v_jax.errors import A2VError
+
 LOCK_NAME = ".lock"
 
 
-class RunLockedError(RuntimeError):
+class RunLockedError(A2VError, RuntimeError):
   """The run directory is being written by another live run."""
 
 

@@ -12,10 +12,11 @@ import re
 from pathlib import Path
 from typing import Any, Optional
 
+from a2v_jax.errors import A2VError
 from a2v_jax import run_lock
 
 
-class RunDirError(RuntimeError):
+class RunDirError(A2VError, RuntimeError):
   """The run directory holds an earlier run that this one would overwrite."""
 
 

@@ -32,6 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
+from a2v_jax.errors import A2VError
 from a2v_jax import checkpoint as ckpt_lib
 from a2v_jax import config as config_lib
 from a2v_jax import features as features_lib
@@ -48,7 +49,7 @@ from a2v_jax.run_log import RunLog
 from a2v_jax import wandb_sink
 
 
-class TrainingError(RuntimeError):
+class TrainingError(A2VError, RuntimeError):
   """A run that must stop (NaN loss, unusable run directory...)."""
 
 

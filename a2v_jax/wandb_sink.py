@@ -15,8 +15,10 @@ import os
 from pathlib import Path
 from typing import Any, Optional
 
+from a2v_jax.errors import A2VError
 
-class WandbMissingError(RuntimeError):
+
+class WandbMissingError(A2VError, RuntimeError):
   """``wandb: true`` but the wandb package is not installed."""
 
 

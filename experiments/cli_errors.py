@@ -1,8 +1,8 @@
 """How every CLI ends on a project error: one message on stderr, exit status 2, no traceback.
 
-Why one place: the project's errors (config, data, checkpoints, a locked run directory, a full disk...)
-carry a message written for the user -- what was found, what was expected, what to do -- so a traceback
-only hides it. Anything else is a bug and keeps its traceback. ``experiments.run`` (which also has to
+Why one place: the project's errors (``A2VError``: config, data, checkpoints, a locked run directory, a
+full disk...) carry a message written for the user -- what was found, what was expected, what to do -- so
+a traceback only hides it. Anything else is a bug and keeps its traceback. ``experiments.run`` (which also has to
 leave a multi-process job) and the other CLIs (``guard``) all use ``is_project_error`` and ``report``.
 """
 
@@ -11,27 +11,17 @@ from __future__ import annotations
 import sys
 from typing import Any, Callable, Optional
 
+from a2v_jax.errors import A2VError
 
-class UsageError(ValueError):
+
+class UsageError(A2VError, ValueError):
   """A command-line argument that cannot be used (argparse cannot tell), e.g. an unknown case name."""
 
 
 def startup_errors() -> tuple[type[BaseException], ...]:
-  """The project's errors that mean "this run cannot start (or go on) as configured"."""
-  from a2v_jax import config, features, generator_checkpoint, run_lock, run_log
-  from a2v_jax.backbones.hf import BackboneLoadError
-  from a2v_jax.checkpoint import CheckpointError
-  from a2v_jax.data.audio import AudioError
-  from a2v_jax.data.partition import PartitionError
-  from a2v_jax.data.registry import DatasetError
-  from a2v_jax.federated.distributed import DistributedInitError
-  from a2v_jax.federated.generator_runs import GeneratorRunError
-  from a2v_jax.trainer import TrainingError
-  from a2v_jax.wandb_sink import WandbMissingError
-  return (config.ConfigError, DatasetError, PartitionError, AudioError, features.FeatureError, BackboneLoadError,
-          WandbMissingError, CheckpointError, generator_checkpoint.GeneratorCheckpointError, GeneratorRunError,
-          run_log.RunDirError, run_lock.RunLockedError, TrainingError, FileNotFoundError, DistributedInitError,
-          UsageError)
+  """The errors that mean "this run cannot start (or go on) as configured": every project error
+  (``a2v_jax.errors.A2VError``: config, data, checkpoints, a locked run directory, ...) and a missing file."""
+  return (A2VError, FileNotFoundError)
 
 
 def is_project_error(e: BaseException, extra: tuple[type[BaseException], ...] = ()) -> bool:

@@ -54,7 +54,7 @@ def main(argv=None) -> int:
                       format="%(levelname)s %(name)s: %(message)s")
   from a2v_jax import render
   from experiments.cli_errors import guard
-  return guard(lambda: _render(render, args), extra=(render.RenderError,),
+  return guard(lambda: _render(render, args),
                interrupted="the images written so far are kept; rerun with --overwrite to start again")
 
 

@@ -20,10 +20,12 @@ from typing import Any, Mapping
 
 import numpy as np
 
+from a2v_jax.errors import A2VError
+
 SECTIONS = ("final", "best_by_val")
 
 
-class SeedRunError(RuntimeError):
+class SeedRunError(A2VError, RuntimeError):
   """A seed's run directory holds a run of another config."""
 
 
@@ -122,7 +124,7 @@ def main(argv=None) -> int:
   p.add_argument("--seeds", type=parse_seeds, default=[0, 1, 2], help="comma-separated seeds (default 0,1,2)")
   p.add_argument("--quiet", action="store_true", help="no per-run output, only the final table")
   args = p.parse_args(argv)
-  return guard(lambda: _run(args), extra=(SeedRunError,),
+  return guard(lambda: _run(args),
                interrupted="rerun the same command to continue (finished seeds are reused, the interrupted one "
                            "resumes from its last checkpoint)")
 

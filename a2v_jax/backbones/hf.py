@@ -22,6 +22,8 @@ from typing import Any, Iterable, Mapping, Sequence
 import ml_dtypes
 import numpy as np
 
+from a2v_jax.errors import A2VError
+
 CONFIG_NAME = "config.json"
 SAFETENSORS_NAME = "model.safetensors"
 SAFETENSORS_INDEX_NAME = "model.safetensors.index.json"
@@ -34,7 +36,7 @@ _DTYPES: dict[str, Any] = {
 }
 
 
-class BackboneLoadError(ValueError):
+class BackboneLoadError(A2VError, ValueError):
   """A local checkpoint directory is missing, incomplete, corrupt or does not match its config."""
 
 

@@ -16,8 +16,10 @@ import numpy as np
 import soundfile as sf
 import soxr
 
+from a2v_jax.errors import A2VError
 
-class AudioError(ValueError):
+
+class AudioError(A2VError, ValueError):
   """An audio file that cannot be used; the message names the file and the reason."""
 
 

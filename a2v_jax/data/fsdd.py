@@ -15,7 +15,7 @@ import warnings
 from pathlib import Path
 
 from a2v_jax.data.records import Clip, ClipSet
-from a2v_jax.data.registry import DatasetError
+from a2v_jax.data.records import DatasetError
 
 CLASS_NAMES: tuple[str, ...] = (
     "zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")

@@ -15,6 +15,7 @@ from typing import Callable, Literal, Optional
 
 import numpy as np
 
+from a2v_jax.errors import A2VError
 from a2v_jax.data.records import ClipSet
 
 Scheme = Literal["group", "class", "dirichlet", "iid"]
@@ -24,7 +25,7 @@ SPLITS: tuple[str, ...] = ("train", "val", "test")
 _DIRICHLET_TRIES = 100
 
 
-class PartitionError(ValueError):
+class PartitionError(A2VError, ValueError):
   """An impossible partition or split request; the message says what is impossible."""
 
 

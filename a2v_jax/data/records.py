@@ -5,6 +5,13 @@ from __future__ import annotations
 import dataclasses
 from typing import Optional
 
+from a2v_jax.errors import A2VError
+
+
+class DatasetError(A2VError, ValueError):
+  """A dataset that cannot be read; the message names the folder or file. It lives here, below the readers
+  and the registry that dispatches to them, so neither imports the other for it."""
+
 
 @dataclasses.dataclass(frozen=True)
 class Clip:

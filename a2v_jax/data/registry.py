@@ -11,19 +11,15 @@ import dataclasses
 from typing import Callable, Optional, Sequence
 
 from a2v_jax.config import ConfigError, DataConfig
-from a2v_jax.data.records import ClipSet
+from a2v_jax.data.records import ClipSet, DatasetError  # noqa: F401 (the readers' error, re-exported)
 
 # A reader takes the root folder and the selected class names (None = all); readers that can, skip
 # the folders of unselected classes (a partial VEGAS copy), the others read everything.
 Reader = Callable[[str, Optional[Sequence[str]]], ClipSet]
 
 
-class DatasetError(ValueError):
-  """A dataset that cannot be read; the message names the folder or file."""
-
-
 def _read_fsdd(root: str, selected: Optional[Sequence[str]] = None) -> ClipSet:
-  # Imported on use: reader modules import DatasetError from here.
+  # Imported on use: a reader pulls in its own dependencies (soundfile, csv parsing) only when read.
   from a2v_jax.data.fsdd import read_fsdd
   return read_fsdd(root)
 

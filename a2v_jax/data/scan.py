@@ -19,7 +19,7 @@ import soundfile as sf
 import tqdm
 
 from a2v_jax.data.records import Clip
-from a2v_jax.data.registry import DatasetError  # the readers' one error type
+from a2v_jax.data.records import DatasetError  # the readers' one error type
 
 logger = logging.getLogger(__name__)
 

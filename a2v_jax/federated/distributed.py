@@ -30,6 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from a2v_jax.errors import A2VError
 from a2v_jax.federated import sharding
 
 _HELLO = b"A2V-RDV1"
@@ -46,7 +47,7 @@ _ADVICE = {
 }
 
 
-class DistributedInitError(RuntimeError):
+class DistributedInitError(A2VError, RuntimeError):
   """The processes of a job could not all meet before the deadline."""
 
 

@@ -48,6 +48,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from a2v_jax.errors import A2VError
 from a2v_jax import checkpoint as ckpt_lib
 from a2v_jax import features as features_lib
 from a2v_jax import generator_checkpoint as gc
@@ -67,7 +68,7 @@ METRIC_NAMES = {"loss": "generator_loss", "recon": "generator_recon", "kl": "gen
                 "d_real": "generator_d_real", "d_fake": "generator_d_fake"}
 
 
-class GeneratorRunError(RuntimeError):
+class GeneratorRunError(A2VError, RuntimeError):
   """Run 1 / Run 2 cannot go on (non-finite losses, checkpoints of another run, unusable data)."""
 
 
