@@ -194,7 +194,7 @@ class FederationConfig:
   global_model_train_from_nodes_adapters: bool = False
   global_model_train_learning_rate: float = 1e-3
   # A finished run directory whose heads a generate run loads (the reference's third step: heads +
-  # generators, no training; see a2v_jax/generate.py). None = train heads as usual.
+  # generators, no training; see a2v_jax/run/generate.py). None = train heads as usual.
   adapter_load_checkpoint: Optional[str] = None
 
 

@@ -37,7 +37,7 @@ import jax  # noqa: E402  (after experiments.scaling)
 import jax.numpy as jnp  # noqa: E402
 
 from a2v_jax import config as config_lib  # noqa: E402
-from a2v_jax import memory  # noqa: E402
+from a2v_jax.federated import memory  # noqa: E402
 
 WIDE = {"overrides": ["clip_adapter_hidden=[256,256]", "t5_adapter_hidden=[256,256]", "map_mlp_ratio=2"],
         "feature_dim": 768, "target_shapes": {"clip": (128,), "t5": (17, 128)}}

@@ -33,8 +33,8 @@ def is_project_error(e: BaseException, extra: tuple[type[BaseException], ...] = 
 def error_label(e: BaseException) -> str:
   from a2v_jax.checkpoint import DiskFullError, is_disk_full
   from a2v_jax.config import ConfigError
-  from a2v_jax.generator_checkpoint import GeneratorCheckpointError
-  from a2v_jax.run_lock import RunLockedError
+  from a2v_jax.generators.checkpoint import GeneratorCheckpointError
+  from a2v_jax.run.lock import RunLockedError
   if isinstance(e, ConfigError):
     return "config error"
   if isinstance(e, GeneratorCheckpointError):

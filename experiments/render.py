@@ -52,7 +52,7 @@ def main(argv=None) -> int:
 
   logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                       format="%(levelname)s %(name)s: %(message)s")
-  from a2v_jax import render
+  from a2v_jax.render import offline as render
   from experiments.cli_errors import guard
   return guard(lambda: _render(render, args),
                interrupted="the images written so far are kept; rerun with --overwrite to start again")

@@ -13,29 +13,6 @@ import sys
 from experiments.cli_errors import error_label, is_project_error, report, startup_errors  # noqa: F401 (re-exported)
 
 
-def load_config(config_lib, path, overrides):
-  """Our config format, or a reference fedgfe JSON (``feda2v`` / ``nodes`` sections) translated."""
-  import json
-  from pathlib import Path
-  raw = None
-  if path is not None and Path(path).is_file():
-    try:
-      raw = json.loads(Path(path).read_text())
-    except json.JSONDecodeError:
-      raw = None  # config_lib.load reports it
-  if isinstance(raw, dict) and ("feda2v" in raw or isinstance(raw.get("nodes"), list)):
-    from a2v_jax.reference_config import read_reference_config
-    flat, warnings, nodes = read_reference_config(path)
-    for w in warnings:
-      print(f"reference config: {w}", file=sys.stderr)
-    flat.update(partition="reference", reference_nodes=nodes, num_nodes=len(nodes))
-    for item in overrides:
-      key, value = config_lib.parse_override(item)
-      flat[key.split(".")[-1]] = value
-    return config_lib.from_dict(flat, where=str(path))
-  return config_lib.load(path, overrides)
-
-
 def _join(args: argparse.Namespace) -> None:
   """Joins the multi-process job that ``--coordinator`` names, before any JAX computation.
 
@@ -86,17 +63,18 @@ def main(argv=None) -> int:
   joined = False
 
   from a2v_jax import config as config_lib
+  from a2v_jax.reference.config import load_config
   try:
-    cfg = load_config(config_lib, args.config, args.overrides)
+    cfg = load_config(args.config, args.overrides)
     if args.coordinator is not None and not args.dry_run:  # a dry run checks this host alone
       _join(args)
       joined = True
     if not args.quiet and (not joined or _process_index() == 0):
       print("resolved config:\n" + config_lib.dumps(cfg))
     if args.dry_run:
-      from a2v_jax.plan import print_plan
+      from a2v_jax.run.plan import print_plan
       return print_plan(cfg)
-    from a2v_jax.trainer import train_and_evaluate
+    from a2v_jax.run.trainer import train_and_evaluate
     train_and_evaluate(cfg, resume=args.resume, verbose=not args.quiet)
   except KeyboardInterrupt:
     sys.stdout.flush()

@@ -8,13 +8,13 @@
 
 Per client count C, every client holds N synthetic samples (cached-feature shaped: T tokens of the
 config's AST width, no backbone needed) and trains E local epochs of ceil(N / B) steps with the config's
-heads (``make_heads``) and engine (``fed_a2v``). The memory plan (``a2v_jax.memory``) is checked, and the
+heads (``make_heads``) and engine (``fed_a2v``). The memory plan (``a2v_jax.federated.memory``) is checked, and the
 round compiled, before any client state is allocated. After ``--warmup`` rounds, ``--rounds`` rounds are
 timed, interleaved with the baselines' rounds (the machine is shared; its load drifts). Per point: rounds/s,
 samples/s, wall and process-CPU seconds, lowering and compile time (which must not grow with C), peak host
 RSS (a sampling thread), device peak memory when the backend reports it, bytes per client, the memory plan
 and XLA's buffer figure, and analytic training FLOP/s. ``--baseline torch`` times the sequential torch
-reference (``a2v_jax.baselines.torch_reference``: one model copy and AdamW per branch per client, FedAvg of
+reference (``a2v_jax.reference.torch_baseline``: one model copy and AdamW per branch per client, FedAvg of
 state dicts) on the same data, from the same initial weights, in the same process; ``both`` adds the
 reference's AST forward of every sample in every epoch; ``--yardstick`` times, between the rounds, a plain
 2048^3 matmul (backend ``matmul``) and the plain dots of one client step's own shapes (``matmul@step``: what
@@ -45,7 +45,7 @@ import experiments.scalestudy  # noqa: F401  (sets OMP_WAIT_POLICY before torch 
 import jax  # noqa: E402
 
 from a2v_jax import config as config_lib  # noqa: E402
-from a2v_jax import memory  # noqa: E402
+from a2v_jax.federated import memory  # noqa: E402
 from a2v_jax.config import Config  # noqa: E402
 from experiments.scalestudy.report import table, write_outputs  # noqa: E402
 from experiments.scalestudy.runners import (JaxRunner, MatmulRunner, PeakRSS, StepShapesMatmulRunner,  # noqa: E402,F401

@@ -42,7 +42,7 @@ def parse_seeds(text: str) -> list[int]:
 
 def run_seed(cfg, verbose: bool = True) -> dict[str, Any]:
   """The summary of ``cfg``'s run: reused when finished with this config, resumed when interrupted."""
-  from a2v_jax import trainer
+  from a2v_jax.run import trainer
   from a2v_jax.checkpoint import config_differences
   run_dir = trainer.run_dir_for(cfg)
   saved_cfg, summary = run_dir / "config.json", run_dir / "summary.json"
@@ -130,13 +130,12 @@ def main(argv=None) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
-  from a2v_jax import config as config_lib
-  from experiments.run import load_config
-  base = load_config(config_lib, args.config, args.overrides)
+  from a2v_jax.reference.config import load_config
+  base = load_config(args.config, args.overrides)
   name = base.experiment.name
   summaries = {}
   for s in args.seeds:
-    cfg = load_config(config_lib, args.config, args.overrides + [f"seed={s}", f"name={json.dumps(f'{name}_seed{s}')}"])
+    cfg = load_config(args.config, args.overrides + [f"seed={s}", f"name={json.dumps(f'{name}_seed{s}')}"])
     summaries[s] = run_seed(cfg, verbose=not args.quiet)
   result = {"name": name, "seeds": args.seeds, "config": base.to_dict(),
             "run_dirs": {str(s): summ.get("run_dir") for s, summ in summaries.items()},

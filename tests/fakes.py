@@ -6,7 +6,7 @@ import numpy as np
 
 from a2v_jax.data.nodes import NodeData
 from a2v_jax.data.records import Clip, ClipSet
-from a2v_jax.trainer import Prepared
+from a2v_jax.run.trainer import Prepared
 
 
 def synthetic_prepared(num_nodes=3, per_node=(24, 17, 30), classes=4, tokens=6, dim=8,

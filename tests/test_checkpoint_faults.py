@@ -9,7 +9,7 @@ import pytest
 
 from a2v_jax import config
 from a2v_jax.checkpoint import CheckpointError
-from a2v_jax.trainer import train_and_evaluate
+from a2v_jax.run.trainer import train_and_evaluate
 from tests.fakes import synthetic_prepared
 
 BASE = ["local_epochs=1", "batch_size=4", "clip_adapter_hidden=[8]", "t5_adapter_hidden=[8]",

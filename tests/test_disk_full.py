@@ -7,7 +7,7 @@ import orbax.checkpoint as ocp
 import pytest
 
 from a2v_jax import checkpoint, config
-from a2v_jax.trainer import train_and_evaluate
+from a2v_jax.run.trainer import train_and_evaluate
 from experiments import cli_errors
 from tests.fakes import synthetic_prepared
 

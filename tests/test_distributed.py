@@ -411,7 +411,7 @@ def test_cli_two_processes_generator_runs_equal_one(tmp_path):
   import jax
 
   from a2v_jax import config
-  from a2v_jax import generator_checkpoint as gc
+  from a2v_jax.generators import checkpoint as gc
   from a2v_jax.backbones.paths import backbone_dir
   tiny = config.load(None, [f'tiny_dir="{tmp_path / "backbones"}"'])
   for kind in ("ast", "clip_text", "t5"):
@@ -460,7 +460,9 @@ def test_generator_only_mode_on_a_second_process_writes_nothing(tmp_path, monkey
   every round, meets process 0 at both barriers of each save and writes nothing (process 0 writes)."""
   import jax
 
-  from a2v_jax import config, trainer
+  from a2v_jax import config
+
+  from a2v_jax.run import trainer
   from tests.fakes import synthetic_prepared
   barriers = []
   monkeypatch.setattr(jax, "process_count", lambda: 2)

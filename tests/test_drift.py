@@ -11,7 +11,7 @@ from a2v_jax.federated import engine, optim
 from a2v_jax.federated.local import Shared, branch_losses, make_local_train
 from a2v_jax.federated.state import ClientState
 from a2v_jax.models.heads import make_heads
-from a2v_jax.trainer import layout
+from a2v_jax.run.trainer import layout
 from tests.fakes import synthetic_prepared
 
 LR, WD, ROWS = 1e-2, 1e-4, 4

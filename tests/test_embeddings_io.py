@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from a2v_jax import embeddings_io as eio
+from a2v_jax.render import embeddings_io as eio
 
 
 def _flux(n=3, seed=0):

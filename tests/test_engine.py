@@ -9,7 +9,7 @@ from a2v_jax import config
 from a2v_jax.federated import aggregate, engine
 from a2v_jax.federated.local import Shared
 from a2v_jax.models.heads import make_heads
-from a2v_jax.trainer import init_state, layout
+from a2v_jax.run.trainer import init_state, layout
 from tests.fakes import synthetic_prepared
 
 

@@ -12,14 +12,14 @@ import orbax.checkpoint as ocp
 import pytest
 
 from a2v_jax import config
-from a2v_jax import embeddings_io as eio
-from a2v_jax import generate as gen_lib
-from a2v_jax import generator_checkpoint as gc
+from a2v_jax.render import embeddings_io as eio
+from a2v_jax.run import generate as gen_lib
+from a2v_jax.generators import checkpoint as gc
 from a2v_jax.backbones.paths import TINY_CLIP_DIM, TINY_T5_DIM
-from a2v_jax.federated import generator_runs as grn
+from a2v_jax.generators import runs as grn
 from a2v_jax.models.heads import make_heads
-from a2v_jax.run_log import RunDirError
-from a2v_jax.trainer import train_and_evaluate
+from a2v_jax.run.log import RunDirError
+from a2v_jax.run.trainer import train_and_evaluate
 from tests.fakes import synthetic_prepared
 
 HEADS = ["local_epochs=1", "batch_size=4", "clip_adapter_hidden=[8]", "t5_adapter_hidden=[8]", "map_heads=2",

@@ -16,13 +16,13 @@ import pytest
 
 from a2v_jax import config
 from a2v_jax import features as features_lib
-from a2v_jax import generator_checkpoint as gc
+from a2v_jax.generators import checkpoint as gc
 from a2v_jax.config import ConfigError
-from a2v_jax.federated import generator_runs as grn
-from a2v_jax.federated import generator_training as gt
+from a2v_jax.generators import runs as grn
+from a2v_jax.generators import training as gt
 from a2v_jax.federated import kd as kd_lib
 from a2v_jax.models.heads import make_heads
-from a2v_jax.trainer import RUN_ONCE_COMPILER_OPTIONS, Prepared, start_pretrained, train_and_evaluate
+from a2v_jax.run.trainer import RUN_ONCE_COMPILER_OPTIONS, Prepared, start_pretrained, train_and_evaluate
 from tests.fakes import synthetic_prepared
 
 HEADS = ["local_epochs=1", "batch_size=4", "clip_adapter_hidden=[8]", "t5_adapter_hidden=[8]", "map_heads=2",
@@ -311,13 +311,13 @@ def test_cli_start_up_errors_exit_2_with_one_message(tmp_path, capsys, monkeypat
   # anything unexpected is a bug and keeps its traceback
   def bug(*a, **k):
     raise ZeroDivisionError("a bug")
-  monkeypatch.setattr("a2v_jax.trainer.train_and_evaluate", bug)
+  monkeypatch.setattr("a2v_jax.run.trainer.train_and_evaluate", bug)
   with pytest.raises(ZeroDivisionError):
     cli.main(["--quiet", "--set", f'output_dir="{tmp_path}/runs"'])
 
 
 def test_printed_train_loss_excludes_generator_metrics(tmp_path, capsys):
-  from a2v_jax.run_log import RunLog
+  from a2v_jax.run.log import RunLog
   log = RunLog(tmp_path / "run", resume=False, verbose=True)
   common = {"train/node_0/clip_loss": 0.25, "train/node_0/t5_loss": 0.5, "train/node_0/generator_loss": 40.0,
             "train/node_0/generator_recon": 30.0, "train/node_0/generator_num_samples": 12}

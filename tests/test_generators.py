@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 
 from a2v_jax.config import GeneratorConfig
-from a2v_jax import generator_checkpoint as gc
-from a2v_jax.federated import generator_training as gt
+from a2v_jax.generators import checkpoint as gc
+from a2v_jax.generators import training as gt
 from a2v_jax.models import generators as gen
 
 C, N, T, D, K = 3, 8, 5, 6, 2

@@ -13,7 +13,7 @@ SCRIPT = """
 import json, sys
 import jax
 from a2v_jax import config
-from a2v_jax.trainer import train_and_evaluate
+from a2v_jax.run.trainer import train_and_evaluate
 from tests.fakes import synthetic_prepared
 out = sys.argv[1]
 cfg = config.load(None, ["local_epochs=1", "batch_size=4", "clip_adapter_hidden=[8]", "t5_adapter_hidden=[8]",

@@ -9,7 +9,7 @@ import json
 import numpy as np
 
 from a2v_jax import config
-from a2v_jax import embeddings_io as eio
+from a2v_jax.render import embeddings_io as eio
 from a2v_jax import features as features_lib
 from experiments import run as cli
 

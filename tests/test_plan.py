@@ -1,5 +1,5 @@
 from a2v_jax import config
-from a2v_jax.plan import print_plan
+from a2v_jax.run.plan import print_plan
 
 
 def test_dry_run_lists_every_problem_at_once(tmp_path, capsys):

@@ -7,7 +7,8 @@ import soundfile as sf
 
 from a2v_jax import config
 from a2v_jax.data.nodes import build_nodes
-from experiments.run import load_config, main
+from a2v_jax.reference.config import load_config
+from experiments.run import main
 
 
 def _vegas_tree(root, classes=("baby_cry", "chainsaw"), clips=6):
@@ -36,7 +37,7 @@ def _reference_json(path, samples_per_node=None):
 def test_reference_config_reproduces_its_nodes(tmp_path, capsys):
   _vegas_tree(tmp_path)
   _reference_json(tmp_path / "ref.json", samples_per_node=4)
-  cfg = load_config(config, str(tmp_path / "ref.json"), [f'dataset_root="{tmp_path}"'])
+  cfg = load_config(str(tmp_path / "ref.json"), [f'dataset_root="{tmp_path}"'])
   assert cfg.data.partition == "reference" and cfg.federation.global_rounds == 2
   assert cfg.federation.adapter_aggregation_mode == "avg"
   nodes = build_nodes(cfg)

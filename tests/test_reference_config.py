@@ -13,7 +13,7 @@ from a2v_jax.data.records import Clip, ClipSet
 from a2v_jax.data.reference_nodes import one_class_nodes, reference_node_indices
 from a2v_jax.data.registry import DatasetError
 from a2v_jax.data.vegas import VEGAS_CLASSES
-from a2v_jax.reference_config import read_reference_config, sectioned
+from a2v_jax.reference.config import read_reference_config, sectioned
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "experiments" / "configs"
 

@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-from a2v_jax import embeddings_io as eio
+from a2v_jax.render import embeddings_io as eio
 from a2v_jax.backbones import tiny_diffusion
-from a2v_jax.image_metrics import ZeroShotCLIP, classification_metrics, score, score_groups
+from a2v_jax.render.image_metrics import ZeroShotCLIP, classification_metrics, score, score_groups
 
 T5_DIM, CLIP_DIM, SD_DIM = 32, 24, 32  # different widths: a swapped FLUX call cannot pass
 PARITY_ATOL = 1e-4  # max |flax - torch| over pixels in [0, 1]; observed 0.7-1.6e-5 on CPU float32

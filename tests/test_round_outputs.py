@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 
 from a2v_jax import config as config_lib
-from a2v_jax import embeddings_io as eio
+from a2v_jax.render import embeddings_io as eio
 from a2v_jax.backbones.paths import TINY_CLIP_DIM, TINY_T5_DIM
-from a2v_jax import round_outputs as ro
-from a2v_jax.round_outputs import RoundOutputs, due, embeddings_dir, eval_rows, pick_per_class
+from a2v_jax.render import round_outputs as ro
+from a2v_jax.render.round_outputs import RoundOutputs, due, embeddings_dir, eval_rows, pick_per_class
 
 CLASSES = ("zero", "one", "rail_transport")
 BS = 4  # train.batch_size

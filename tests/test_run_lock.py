@@ -8,9 +8,11 @@ import textwrap
 
 import pytest
 
-from a2v_jax import config, run_lock
-from a2v_jax.run_log import RunLog
-from a2v_jax.trainer import train_and_evaluate
+from a2v_jax import config
+
+from a2v_jax.run import lock as run_lock
+from a2v_jax.run.log import RunLog
+from a2v_jax.run.trainer import train_and_evaluate
 from tests.fakes import synthetic_prepared
 
 BASE = ["local_epochs=1", "batch_size=4", "clip_adapter_hidden=[8]", "t5_adapter_hidden=[8]",
@@ -18,7 +20,7 @@ BASE = ["local_epochs=1", "batch_size=4", "clip_adapter_hidden=[8]", "t5_adapter
 
 HOLD = textwrap.dedent("""
     import sys, time
-    from a2v_jax import run_lock
+    from a2v_jax.run import lock as run_lock
     run_lock.acquire(sys.argv[1])
     print("locked", flush=True)
     time.sleep(120)

@@ -1,6 +1,6 @@
 """Run log summary: model selection by validation accuracy."""
 
-from a2v_jax.run_log import RunLog, best_by_val
+from a2v_jax.run.log import RunLog, best_by_val
 
 
 def _row(r, clip_val, t5_val, clip_test):

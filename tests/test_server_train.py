@@ -12,11 +12,11 @@ import pytest
 
 from a2v_jax import config
 from a2v_jax.config import ConfigError
-from a2v_jax.federated import generator_runs as grn
+from a2v_jax.generators import runs as grn
 from a2v_jax.federated import server_train as st
 from a2v_jax.federated.local import Shared
 from a2v_jax.models.heads import make_heads
-from a2v_jax.trainer import RUN_ONCE_COMPILER_OPTIONS, start_pretrained, train_and_evaluate
+from a2v_jax.run.trainer import RUN_ONCE_COMPILER_OPTIONS, start_pretrained, train_and_evaluate
 from tests.fakes import synthetic_prepared
 from tests.test_generator_runs import RUN1, _cfg, _rows
 

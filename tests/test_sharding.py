@@ -1,5 +1,5 @@
 """The client axis sharded over a 4-device mesh gives the same rounds as one device; memory plans
-(``a2v_jax.memory``: bytes per client, chunk choice, refusal before allocation) bound XLA's own figures.
+(``a2v_jax.federated.memory``: bytes per client, chunk choice, refusal before allocation) bound XLA's own figures.
 
 The device count must be fixed before JAX starts, so the check runs in a subprocess with
 ``XLA_FLAGS=--xla_force_host_platform_device_count=4``; this file is also that subprocess's script.
@@ -98,7 +98,7 @@ def test_memory_estimate_bounds_xla_and_refuses_before_allocating():
   import numpy as np
   import pytest
 
-  from a2v_jax import memory
+  from a2v_jax.federated import memory
   from experiments import scaling
   cfg, w, alg, init = _problem(16)
   run = scaling.JaxRunner(cfg, w, scaling.synthetic_data(w), budget=1 << 40)  # compiles; allocates nothing
@@ -128,7 +128,7 @@ def test_memory_estimate_counts_drift_corrections(drift):
   import jax.numpy as jnp
   import numpy as np
 
-  from a2v_jax import memory
+  from a2v_jax.federated import memory
   from a2v_jax.federated import optim
   from experiments import scaling
   extra = (f'local_drift_correction="{drift}"', "fedprox_mu=0.1")
@@ -170,7 +170,7 @@ def test_chunked_round_holds_one_copy_of_the_client_state():
 
 
 def test_largest_count_from_two_compiles():
-  from a2v_jax import memory
+  from a2v_jax.federated import memory
   calls = []
 
   def bytes_at(c):  # an affine "compiler": 100 MiB + 7 MiB per client

@@ -19,11 +19,11 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from a2v_jax import config  # noqa: E402
-from a2v_jax.baselines import torch_reference as tr  # noqa: E402
+from a2v_jax.reference import torch_baseline as tr  # noqa: E402
 from a2v_jax.federated import engine  # noqa: E402
 from a2v_jax.federated.local import Shared  # noqa: E402
 from a2v_jax.models.heads import make_heads  # noqa: E402
-from a2v_jax.trainer import layout  # noqa: E402
+from a2v_jax.run.trainer import layout  # noqa: E402
 from experiments.scaling import replicated_init  # noqa: E402
 from tests.fakes import synthetic_prepared  # noqa: E402
 

@@ -11,8 +11,8 @@ import pytest
 from a2v_jax import config
 from a2v_jax.checkpoint import CheckpointError
 from a2v_jax.models.heads import make_heads
-from a2v_jax.run_log import RunDirError
-from a2v_jax.trainer import TrainingError, train_and_evaluate
+from a2v_jax.run.log import RunDirError
+from a2v_jax.run.trainer import TrainingError, train_and_evaluate
 from tests.fakes import synthetic_prepared
 
 BASE = ["local_epochs=1", "batch_size=4", "clip_adapter_hidden=[8]", "t5_adapter_hidden=[8]",
@@ -112,7 +112,7 @@ def test_modes_report_server_metrics(tmp_path):
 
 
 def test_embeddings_checkpoints_are_written_by_the_run(tmp_path):
-  from a2v_jax.embeddings_io import load_embeddings
+  from a2v_jax.render.embeddings_io import load_embeddings
   prep = synthetic_prepared()
   cfg = _cfg(tmp_path, "emb", "global_rounds=2", "save_embeddings_instead_of_images=true",
              "embeddings_save_frequency=2")

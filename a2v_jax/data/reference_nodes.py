@@ -151,7 +151,7 @@ def reference_node_indices(clipset: ClipSet, nodes: Sequence[Mapping[str, Any]])
   Args:
     clipset: the dataset (e.g. from ``read_vegas``).
     nodes: reference node dicts (spec 7.4 keys), e.g. the third value returned by
-      ``reference_config.read_reference_config`` or :func:`one_class_nodes`. A node
+      ``a2v_jax.reference.config.read_reference_config`` or :func:`one_class_nodes`. A node
       is named by its ``node_id`` key, else by its position.
 
   Returns:

@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from a2v_jax import memory
+from a2v_jax.federated import memory
 from a2v_jax.config import Config
 from a2v_jax.federated import engine, optim
 from a2v_jax.federated.local import Shared
@@ -129,7 +129,7 @@ class TorchRunner:
   def setup(self) -> None:
     import torch
 
-    from a2v_jax.baselines import torch_reference as tr
+    from a2v_jax.reference import torch_baseline as tr
     tr.set_threads(cpu_threads())
     t = time.perf_counter()
     w, data = self.w, self.data

@@ -10,7 +10,7 @@ from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
 
-from a2v_jax import memory
+from a2v_jax.federated import memory
 from a2v_jax.config import Config
 from experiments.scalestudy.runners import JaxRunner, MatmulRunner, PeakRSS, StepShapesMatmulRunner, TorchRunner
 from experiments.scalestudy.workload import Workload, synthetic_data

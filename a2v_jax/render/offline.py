@@ -34,7 +34,7 @@ from typing import Any, Literal, Optional, Sequence
 import numpy as np
 
 from a2v_jax.errors import A2VError
-from a2v_jax import embeddings_io
+from a2v_jax.render import embeddings_io
 from a2v_jax.config import BackboneConfig, OutputConfig
 
 log = logging.getLogger(__name__)
@@ -334,7 +334,7 @@ def _score(summary: RenderSummary, rendered: list[tuple[embeddings_io.Embeddings
   Candidates are all classes of the rendered files; PNGs are read ``chunk`` at a time.
   """
   from PIL import Image
-  from a2v_jax.image_metrics import ZeroShotCLIP, classification_metrics
+  from a2v_jax.render.image_metrics import ZeroShotCLIP, classification_metrics
   classes = sorted({c for ef, _ in rendered for c in ef.class_names})
   torch_device = {None: "cpu", "auto": "cpu", "gpu": "cuda"}.get(device, device)
   clf = ZeroShotCLIP(clip_model_dir, classes, device=torch_device)

@@ -50,7 +50,7 @@ import orbax.checkpoint as ocp
 from a2v_jax.errors import A2VError
 from a2v_jax.config import GeneratorConfig, generator_condition
 from a2v_jax.federated import distributed
-from a2v_jax.federated.generator_training import GeneratorSpec, GenState, SlotLayout, abstract_arrays
+from a2v_jax.generators.training import GeneratorSpec, GenState, SlotLayout, abstract_arrays
 
 FORMAT = "a2v_jax/generators/v1"
 MANIFEST = "manifest.json"

@@ -13,7 +13,7 @@ Two mutually exclusive modes (the reference's ``generate_embeddings_only`` switc
   never), ``node_{i}_embeddings_r{r}.safetensors`` per node (its own heads on its val+test
   clips) and ``server_embeddings_r{r}.safetensors`` (the server heads on the union of the
   nodes' val+test clips), written atomically by ``embeddings_io.save_embeddings`` for the
-  offline renderer (``render.py``).
+  offline renderer (``render/offline.py``).
 * otherwise: every ``generate_global_images_frequency`` rounds the server heads, and every
   ``generate_nodes_images_frequency`` rounds node ``render_node``'s heads, render
   ``images_per_class`` images per class (PNGs + a contact sheet per class) and are scored by
@@ -49,7 +49,9 @@ from typing import Any, Callable, Mapping, Optional, Sequence
 import jax
 import numpy as np
 
-from a2v_jax import embeddings_io, render
+from a2v_jax.render import embeddings_io
+
+from a2v_jax.render import offline as render
 from a2v_jax.config import Config, OutputConfig
 from a2v_jax.federated.evaluate import pad_indices
 from a2v_jax.types import Params
@@ -243,7 +245,7 @@ class RoundOutputs:
               pool: np.ndarray, labels: np.ndarray) -> dict[str, float]:
     """Renders, saves and scores ``images_per_class`` clips per class of ``pool``."""
     from PIL import Image
-    from a2v_jax.image_metrics import score
+    from a2v_jax.render.image_metrics import score
     idx = pick_per_class(pool, labels, self.cfg.output.images_per_class)
     if len(idx) == 0:
       log.info("%s has no val/test clips: no images in round %d", group, round_)
@@ -295,7 +297,7 @@ class RoundOutputs:
     if self._classifier is None:
       import torch
       from a2v_jax.backbones import paths
-      from a2v_jax.image_metrics import ZeroShotCLIP
+      from a2v_jax.render.image_metrics import ZeroShotCLIP
       device = "cuda" if torch.cuda.is_available() else "cpu"
       self._classifier = ZeroShotCLIP(paths.backbone_dir(self.cfg, "clip"), self.class_names,
                                       device=device)

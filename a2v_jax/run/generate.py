@@ -26,7 +26,7 @@ Decisions:
   of this config are not read (the heads run's own mode decides which heads exist: ``none`` has no
   trained server model, ``centralised`` no node models). ``train.batch_size`` only sizes the
   prediction chunks.
-* Images: the output switches of in-training renders (``round_outputs.py``) decide, with a single pass
+* Images: the output switches of in-training renders (``render/round_outputs.py``) decide, with a single pass
   instead of rounds: ``generate_global_images_frequency > 0`` renders the server file,
   ``generate_nodes_images_frequency > 0`` every node's file (the reference's generate step rendered every
   node), each sample of it (how many: ``synthetic_samples_per_class``), scored by CLIP zero-shot
@@ -57,14 +57,14 @@ import jax.numpy as jnp
 import numpy as np
 
 from a2v_jax import checkpoint as ckpt_lib
-from a2v_jax import embeddings_io
+from a2v_jax.render import embeddings_io
 from a2v_jax import features as features_lib
-from a2v_jax import generator_checkpoint as gen_ckpt
+from a2v_jax.generators import checkpoint as gen_ckpt
 from a2v_jax.config import Config
-from a2v_jax.federated import generator_runs
-from a2v_jax.federated import generator_training as gt
+from a2v_jax.generators import runs as generator_runs
+from a2v_jax.generators import training as gt
 from a2v_jax.models.heads import make_heads
-from a2v_jax.run_log import RunDirError, RunLog
+from a2v_jax.run.log import RunDirError, RunLog
 from a2v_jax.types import Params, PRNGKey
 
 # fold_in salt of the run key for the generate draw (generator_runs holds the other salts).
@@ -303,12 +303,12 @@ def _render_wanted(cfg: Config) -> tuple[bool, bool]:
 
 def render_files(cfg: Config, run_dir: Path, paths: Sequence[Path], *, overwrite: bool,
                  verbose: bool) -> tuple[int, dict[str, float]]:
-  """Renders every sample of ``paths`` into ``{run_dir}/images`` with the offline renderer (``render.py``),
+  """Renders every sample of ``paths`` into ``{run_dir}/images`` with the offline renderer (``render/offline.py``),
   with the in-training renders' settings (``round_outputs``); returns (images, CLIP zero-shot metrics
   named ``test/{server|node_i}/image_{metric}``)."""
-  from a2v_jax import render
+  from a2v_jax.render import offline as render
   from a2v_jax.backbones import paths as backbone_paths
-  from a2v_jax.round_outputs import IMAGE_METRICS, RENDER_BATCH
+  from a2v_jax.render.round_outputs import IMAGE_METRICS, RENDER_BATCH
   o, kind = cfg.output, cfg.heads.diffusion_type
   opts = render.RenderOptions(
       output_dir=str(run_dir / "images"), diffusion_type=kind, model_dir=str(backbone_paths.backbone_dir(cfg, kind)),
@@ -340,7 +340,7 @@ def run_generate(cfg: Config, *, resume: bool = False, verbose: bool = True,
     GeneratorCheckpointError / GeneratorRunError: the generators (Run 2's checks).
     RunDirError: the run directory (or an embeddings file) holds an earlier run.
   """
-  from a2v_jax.trainer import run_dir_for
+  from a2v_jax.run.trainer import run_dir_for
   t0 = time.time()
   if jax.process_count() > 1:
     raise GenerateError("a generate run is one process's work (no training); start it without --coordinator")
@@ -388,7 +388,7 @@ def run_generate(cfg: Config, *, resume: bool = False, verbose: bool = True,
   except ValueError as e:
     raise generator_runs.GeneratorRunError(f"generate cannot draw the synthetic features its nodes need: {e}") from e
   rows = node_rows(x, y, valid, names)
-  from a2v_jax.round_outputs import PREDICT_BATCHES, embeddings_dir
+  from a2v_jax.render.round_outputs import PREDICT_BATCHES, embeddings_dir
   target_dir = embeddings_dir(cfg, run_dir)
   files: dict[Any, Path] = {}
   if heads_run.has_nodes:

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Mapping, Optional
+from typing import Any, Mapping, Optional, Sequence
 
 from a2v_jax.config import FIELD_OWNER, Config, ConfigError, from_dict
 from a2v_jax.data.scan import suggest
@@ -428,3 +428,29 @@ def sectioned(flat: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
       raise ConfigError(f"unknown config key '{name}'{suggest(name, FIELD_OWNER)}")
     out.setdefault(FIELD_OWNER[name], {})[name] = value
   return out
+
+
+def load_config(path: Optional[str], overrides: Sequence[str] = ()) -> Config:
+  """A config file in either format: ours (sections ``experiment``, ``data``, ...), or a reference fedgfe JSON
+  (``feda2v`` / ``nodes`` sections), translated (its warnings on stderr) with ``overrides`` applied on top.
+
+  Why here and not in the CLI: every entry point (run, seeds, the Flower apps) reads configs the same way.
+  """
+  import sys
+  from a2v_jax import config as config_lib
+  raw = None
+  if path is not None and Path(path).is_file():
+    try:
+      raw = json.loads(Path(path).read_text())
+    except json.JSONDecodeError:
+      raw = None  # config_lib.load reports it
+  if isinstance(raw, dict) and ("feda2v" in raw or isinstance(raw.get("nodes"), list)):
+    flat, warnings, nodes = read_reference_config(path)
+    for w in warnings:
+      print(f"reference config: {w}", file=sys.stderr)
+    flat.update(partition="reference", reference_nodes=nodes, num_nodes=len(nodes))
+    for item in overrides:
+      key, value = config_lib.parse_override(item)
+      flat[key.split(".")[-1]] = value
+    return config_lib.from_dict(flat, where=str(path))
+  return config_lib.load(path, list(overrides))

@@ -58,7 +58,7 @@ def collect_plan(cfg: Config) -> tuple[list[str], list[str]]:
       problems.append(f"backbone {kind}: {e}")
 
   if cfg.generators.use_pretrained_generators:
-    from a2v_jax.generator_checkpoint import scan_rounds
+    from a2v_jax.generators.checkpoint import scan_rounds
     gdir = Path(cfg.generators.generator_checkpoint_dir) / cfg.generators.generator_checkpoint_base_name
     complete, bad = scan_rounds(cfg.generators)
     if complete:
@@ -88,7 +88,7 @@ def collect_plan(cfg: Config) -> tuple[list[str], list[str]]:
 
   if token_shape is not None and all(k in dirs for k in ("clip_text" if b == "clip" else "t5" for b in cfg.branches)):
     try:
-      from a2v_jax import memory
+      from a2v_jax.federated import memory
       from a2v_jax.backbones.text import target_dims
       from a2v_jax.models.heads import count_params, make_heads
       shapes = target_dims(cfg.heads.diffusion_type, dirs.get("clip_text"), dirs.get("t5"),

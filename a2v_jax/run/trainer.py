@@ -3,7 +3,7 @@
 features -> layout -> init (or restore) -> rounds (round, evaluate, log, checkpoint) -> summary.
 Each stage is a function of its own, importable and tested alone.
 
-Generator runs (``federated/generator_runs.py``) add stages without changing the engine:
+Generator runs (``generators/runs.py``) add stages without changing the engine:
 Run 1 (``use_generator``) trains the generators after each round's heads and checkpoints them with the
 heads (``generator_only_mode`` runs generator rounds only); Run 2 (``use_pretrained_generators``)
 restores them first (start-up errors before anything else), prepares without the AST and appends
@@ -37,16 +37,17 @@ from a2v_jax import checkpoint as ckpt_lib
 from a2v_jax import config as config_lib
 from a2v_jax import features as features_lib
 from a2v_jax.config import Config
-from a2v_jax import generator_checkpoint as gen_ckpt
-from a2v_jax.federated import distributed, engine, generator_runs, sharding
+from a2v_jax.generators import checkpoint as gen_ckpt
+from a2v_jax.federated import distributed, engine, sharding
+from a2v_jax.generators import runs as generator_runs
 from a2v_jax.federated import kd as kd_lib
 from a2v_jax.federated.evaluate import make_evaluator, pad_indices
 from a2v_jax.federated.evaluate import predict as predict_rows
-from a2v_jax.round_outputs import RoundOutputs
+from a2v_jax.render.round_outputs import RoundOutputs
 from a2v_jax.federated.local import Shared
 from a2v_jax.models.heads import count_params, make_heads
-from a2v_jax.run_log import RunLog
-from a2v_jax import wandb_sink
+from a2v_jax.run.log import RunLog
+from a2v_jax.run import wandb_sink
 
 
 class TrainingError(A2VError, RuntimeError):
@@ -237,7 +238,7 @@ def train_and_evaluate(cfg: Config, *, resume: bool = False, verbose: bool = Tru
   stages and KD run replicated (module docstring).
   """
   if cfg.federation.adapter_load_checkpoint is not None:  # generate: trained heads + generators, no training
-    from a2v_jax import generate
+    from a2v_jax.run import generate
     return generate.run_generate(cfg, resume=resume, verbose=verbose, prepared=prepared)
   run_dir = run_dir_for(cfg)
   g = cfg.generators
@@ -285,7 +286,7 @@ def train_and_evaluate(cfg: Config, *, resume: bool = False, verbose: bool = Tru
   clients = place.clients(clients)
   server = place.replicated(server)
   checkpointer = ckpt_lib.RoundCheckpointer(run_dir / "state", cfg.federation.max_to_keep)
-  # Embedding checkpoints and in-training renders (round_outputs.py); `shared` is an argument so the
+  # Embedding checkpoints and in-training renders (render/round_outputs.py); `shared` is an argument so the
   # features are not baked into the program as a constant.
   outputs = RoundOutputs(cfg, run_dir, prepared.class_names,
                          [c.clip_id for c in prepared.nodes.clipset.clips], cfg.hash())

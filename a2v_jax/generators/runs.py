@@ -51,11 +51,11 @@ import numpy as np
 from a2v_jax.errors import A2VError
 from a2v_jax import checkpoint as ckpt_lib
 from a2v_jax import features as features_lib
-from a2v_jax import generator_checkpoint as gc
+from a2v_jax.generators import checkpoint as gc
 from a2v_jax.config import Config
 from a2v_jax.data.nodes import NodeData
 from a2v_jax.data.records import Clip, ClipSet
-from a2v_jax.federated import generator_training as gt
+from a2v_jax.generators import training as gt
 from a2v_jax.federated.kd import pad_rows
 from a2v_jax.models import generators as gen
 from a2v_jax.types import PRNGKey

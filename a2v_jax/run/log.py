@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from a2v_jax.errors import A2VError
-from a2v_jax import run_lock
+from a2v_jax.run import lock as run_lock
 
 
 class RunDirError(A2VError, RuntimeError):

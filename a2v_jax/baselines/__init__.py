@@ -1,1 +1,0 @@
-"""Yardsticks the JAX engine is measured against (not used by training)."""

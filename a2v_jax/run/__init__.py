@@ -1,0 +1,10 @@
+"""One experiment run, from a config to its run directory.
+
+  trainer.py     train_and_evaluate: prepare data and features -> layout -> init / restore -> the round loop
+                 (heads, plus the generator and server stages a config asks for) -> summary
+  generate.py    the third step of the reference's pipeline: trained heads + generators, no training
+  plan.py        --dry-run: every problem of a config at once, and what the run would do
+  log.py         metrics.jsonl / csv / plot / summary of a run directory
+  lock.py        one writer per run directory (flock)
+  wandb_sink.py  optional mirror of the run log
+"""
