@@ -59,10 +59,9 @@ def _evaluate(args: argparse.Namespace) -> int:
                      f"{sorted(manager.all_steps())})")
   state = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))["state"]
 
-  from a2v_jax.models.heads import make_heads
-  heads = make_heads(cfg, {b: t.shape[1:] for b, t in targets.items()})
-  evaluate = jax.jit(make_evaluator(lambda prm, x: heads.apply({"params": prm}, x.astype(jnp.float32)),
-                                    cfg.train.batch_size))
+  from a2v_jax.models.heads import head_functions, make_heads
+  apply_fn, _ = head_functions(make_heads(cfg, {b: t.shape[1:] for b, t in targets.items()}), feats.shape[1:])
+  evaluate = jax.jit(make_evaluator(apply_fn, cfg.train.batch_size))
   shared = Shared(jnp.asarray(feats), jnp.asarray(clipset.labels), {b: jnp.asarray(t) for b, t in targets.items()})
   idx, n = pad_indices(np.arange(len(clipset)), cfg.train.batch_size)
   results = {"run": str(run), "data": args.data, "round": int(step), "clips": n}

@@ -151,3 +151,16 @@ def count_params(module: nn.Module, token_shape: tuple[int, int]) -> dict[str, i
   shapes = jax.eval_shape(module.init, jax.random.key(0), jnp.zeros((1,) + tuple(token_shape)))
   params = shapes["params"]
   return {b: sum(int(x.size) for x in jax.tree.leaves(p)) for b, p in params.items()}
+
+
+def head_functions(heads: A2VHeads, token_shape: Sequence[int]):
+  """``(apply, init)``: the heads as pure functions of their params, the form the engine, the evaluator and
+  the generate step take: ``apply(params, tokens) -> {branch: output}`` (tokens cast to float32, so cached
+  float16 features are accepted) and ``init(key) -> params`` for one node."""
+  def apply(params, tokens):
+    return heads.apply({"params": params}, tokens.astype(jnp.float32))
+
+  def init(key):
+    return heads.init(key, jnp.zeros((1,) + tuple(token_shape)))["params"]
+
+  return apply, init

@@ -63,7 +63,7 @@ from a2v_jax.generators import checkpoint as gen_ckpt
 from a2v_jax.config import Config
 from a2v_jax.generators import runs as generator_runs
 from a2v_jax.generators import training as gt
-from a2v_jax.models.heads import make_heads
+from a2v_jax.models.heads import head_functions, make_heads
 from a2v_jax.run.log import RunDirError, RunLog
 from a2v_jax.types import Params, PRNGKey
 
@@ -179,9 +179,8 @@ def heads_differences(saved: Mapping[str, Any], cfg: Config) -> list[str]:
 def expected_shapes(cfg: Config, target_shapes: Mapping[str, tuple[int, ...]],
                     token_shape: tuple[int, int]) -> dict[str, list[int]]:
   """Leaf shapes of one node's heads for ``cfg`` (``jax.eval_shape``: nothing allocated), by key path."""
-  heads = make_heads(cfg, target_shapes)
-  abstract = jax.eval_shape(lambda k: heads.init(k, jnp.zeros((1,) + tuple(token_shape)))["params"],
-                            jax.random.key(0))
+  _, init = head_functions(make_heads(cfg, target_shapes), token_shape)
+  abstract = jax.eval_shape(init, jax.random.key(0))
   flat = jax.tree_util.tree_flatten_with_path(abstract)[0]
   return {jax.tree_util.keystr(p): [int(d) for d in x.shape] for p, x in flat}
 
@@ -409,8 +408,7 @@ def run_generate(cfg: Config, *, resume: bool = False, verbose: bool = True,
   ckpt_lib.write_json_atomic(run_dir / "config.json", cfg.to_dict())
   if verbose:
     print(f"run directory: {run_dir}")
-  heads = make_heads(cfg, target_shapes)
-  apply_fn = jax.jit(lambda p, xs: heads.apply({"params": p}, xs))
+  apply_fn = jax.jit(head_functions(make_heads(cfg, target_shapes), token_shape)[0])
   chunk = PREDICT_BATCHES * cfg.train.batch_size
   common = dict(round=heads_run.round, split=SPLIT, diffusion_type=cfg.heads.diffusion_type,
                 config_hash=cfg.hash())

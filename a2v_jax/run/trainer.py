@@ -45,7 +45,7 @@ from a2v_jax.federated.evaluate import make_evaluator, pad_indices
 from a2v_jax.federated.evaluate import predict as predict_rows
 from a2v_jax.render.round_outputs import RoundOutputs
 from a2v_jax.federated.local import Shared
-from a2v_jax.models.heads import count_params, make_heads
+from a2v_jax.models.heads import count_params, head_functions, make_heads
 from a2v_jax.run.log import RunLog
 from a2v_jax.run import wandb_sink
 
@@ -267,8 +267,7 @@ def train_and_evaluate(cfg: Config, *, resume: bool = False, verbose: bool = Tru
     total = sum(counts.values())
     print(f"trainable parameters per node: {total:,} ({', '.join(f'{b} {n:,}' for b, n in counts.items())}); "
           f"{lay.num_real_clients} client(s), {lay.steps} local steps/epoch")
-  apply_fn = lambda p, x: heads.apply({"params": p}, x.astype(jnp.float32))
-  init_fn = lambda k: heads.init(k, jnp.zeros((1,) + tuple(token_shape)))["params"]
+  apply_fn, init_fn = head_functions(heads, token_shape)
   num_clients = lay.train_idx.shape[0]
   place = distributed.Placement(mesh, num_clients)
   alg = engine.fed_a2v(cfg, apply_fn, init_fn, steps=lay.steps, num_clients=num_clients)
