@@ -1,6 +1,6 @@
 """Round checkpoints of the full federated state (orbax), with config/shape checks on restore.
 
-Why the checks: the reference reloaded whatever file globbed first (spec 6.1). We store, next to
+Why the checks: the reference reloaded whatever file globbed first. We store, next to
 the state, the resolved config and the shape of every leaf; a restore under another config or
 with other shapes is refused with the list of what differs, before orbax touches the arrays.
 Orbax writes to a temporary folder and renames it, so an interrupted save never leaves a

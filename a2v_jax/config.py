@@ -176,14 +176,14 @@ class FederationConfig:
   eval_gap: int = 1
   checkpoint_frequency: int = 1
   max_to_keep: int = 2
-  # KD aggregation (spec 4.4, both branches distilled, see federated/kd.py): epochs over the round's
+  # KD aggregation (both branches distilled, see federated/kd.py): epochs over the round's
   # generator features, features drawn per class per round, AdamW learning rate of the distillation.
   kd_training_epochs: int = 10
   kd_samples_per_class: int = 100
   kd_learning_rate: float = 1e-3
   # Clients per vmapped chunk (None = all at once).
   client_chunk_size: Optional[int] = None
-  # Server global training (seed 001's Run 2, spec 4.6 done as intended; federated/server_train.py): after
+  # Server global training (the design notes' Run 2, done as the reference intended; federated/server_train.py): after
   # FedAvg, the server trains the global heads for global_model_train_epochs epochs on the round's
   # aggregated synthetic features of every node (+ each node's per-class MEAN real feature when the nodes
   # train on real features; never a raw clip). Targets: the class text embeddings, or with
@@ -212,7 +212,7 @@ class GeneratorConfig:
   generator_type: Literal["vae", "cvae", "gan"] = "vae"
   use_conditioned_vae: bool = False
   # Condition of a conditioned generator (cvae / use_conditioned_vae): "text" (the default when unset:
-  # seed 001's visual condition, the class's text embedding -- the pooled CLIP target where the heads have
+  # the design notes' visual condition, the class's text embedding -- the pooled CLIP target where the heads have
   # a clip branch, the T5 target's token mean for cogx -- scaled to unit norm) or "onehot" (the class
   # index). Setting it for an unconditioned generator is refused (it would be ignored).
   generator_condition: Optional[Literal["onehot", "text"]] = None
@@ -222,7 +222,7 @@ class GeneratorConfig:
   generator_granularity: Literal["unified", "per_class", "per_group"] = "per_class"
   generator_class_groups: Optional[dict] = None
   # Seed 003: re-initialise a generator when a node brings a class it has not trained before (per node
-  # tracking; the first visit of a node is never a "change"). Off by default, as in seed 003.
+  # tracking; the first visit of a node is never a "change"). Off by default, as in the design notes.
   reset_generator_on_class_change: bool = False
   shared_generator_in_only_mode: bool = True
   generator_training_epochs: int = 20

@@ -96,7 +96,7 @@ def ast_features(cfg: Config, clipset: ClipSet, *, ast_dir: Optional[Path] = Non
     clipset: the clips, in the order rows are wanted.
     ast_dir: AST directory; default from ``cfg.backbones`` (tiny written on first use).
     verbose: progress bar and timing lines.
-    cache_only: read the cache or fail; never construct the AST (Run 2, seed 002: the AST is
+    cache_only: read the cache or fail; never construct the AST (Run 2, the design notes: the AST is
       skipped entirely once generators exist). ``ast_dir`` is still hashed for the cache key.
     _loader: test hook replacing ``load_ast``.
 

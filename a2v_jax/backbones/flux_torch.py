@@ -3,7 +3,7 @@
 Why torch: there is no Flax FLUX, and FLUX is only ever run for evaluation images, outside
 the differentiated code; arrays cross the boundary as numpy (or via dlpack from JAX).
 
-The branch mapping is the one the heads are trained for (spec 1, 6.3):
+The branch mapping is the one the heads are trained for:
 ``prompt_embeds`` = the **t5** branch (B, L, d_t5) and ``pooled_prompt_embeds`` = the **clip**
 branch (B, d_clip). The reference's offline renderer swapped them; here both widths are
 checked against the transformer's ``joint_attention_dim`` / ``pooled_projection_dim`` before

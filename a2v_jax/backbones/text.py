@@ -77,7 +77,7 @@ def compute_text_targets(class_names: Sequence[str], diffusion_type: str, *,
                          clip_max_length: int = 77) -> dict[str, np.ndarray]:
   """Encodes one prompt per class into the diffusion model's text-conditioning targets.
 
-  The reference's prompt template is unknown (spec 3.1); ours is explicit: each class name, with
+  The reference's prompt template is unknown; ours is explicit: each class name, with
   underscores turned into spaces, is put into ``template`` (config default ``"a photo of the number {}"``,
   made for FSDD's digits; e.g. ``"a photo of a {}"`` suits VEGAS/ESC-50 names). Prompts are padded (and, with
   a warning, truncated) to a fixed length exactly as the pipelines do.

@@ -1,6 +1,6 @@
 """ESC-50 reader: 50 environmental sound classes, 40 clips each, in 5 folds.
 
-Layout (spec 7.2, the reference's re-packaged "esc50-v2.0.0-full")::
+Layout (the reference's re-packaged "esc50-v2.0.0-full")::
 
   {root}/class_labels.json         {"dog": 0, "rooster": 1, ...}  (index = label)
   {root}/fold0{k}.json             {"1-100032-A-0.wav": ["dog"], ...}

@@ -1,4 +1,4 @@
-"""The reference's per-node data selection (spec 7.4), reproduced clip for clip.
+"""The reference's per-node data selection, reproduced clip for clip.
 
 A reference node is a dict of fedgfe node keys (``selected_classes``,
 ``samples_per_node``, ``node_split_id``, ...). Why reproduce it exactly: the main
@@ -150,7 +150,7 @@ def reference_node_indices(clipset: ClipSet, nodes: Sequence[Mapping[str, Any]])
 
   Args:
     clipset: the dataset (e.g. from ``read_vegas``).
-    nodes: reference node dicts (spec 7.4 keys), e.g. the third value returned by
+    nodes: reference node dicts, e.g. the third value returned by
       ``a2v_jax.reference.config.read_reference_config`` or :func:`one_class_nodes`. A node
       is named by its ``node_id`` key, else by its position.
 

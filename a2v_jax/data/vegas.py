@@ -1,6 +1,6 @@
 """VEGAS reader: the reference's main dataset, 10 sound classes with paired frames.
 
-Layout (spec 7.1)::
+Layout::
 
   {root}/{class}/video_info.csv          header + one row per clip (YTID, start/end second)
   {root}/{class}/audios/video_{i:05d}.wav   i = data-row index of video_info.csv

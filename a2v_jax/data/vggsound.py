@@ -1,6 +1,6 @@
 """VGGSound reader: YouTube clips labelled by the official CSV, official train/test split.
 
-Layout (spec 7.3)::
+Layout::
 
   {root}/vggsound.csv                     ytid,start,label,split  (no header; '#' = comment)
   {root}/{train|test}/audios/{ytid}_{start}.wav   (start as written or zero-padded, e.g. 000030)

@@ -1,6 +1,6 @@
 """Knowledge-distillation aggregation (``adapter_aggregation_mode: kd``): pure functions, jitted once.
 
-A KD round (spec 4.4, done as the reference intended rather than as it ran):
+A KD round (done as the reference intended rather than as it ran):
 
 1. the engine trains every client and sets the server params to the FedAvg mean (for ``kd`` the engine
    behaves as ``avg``: broadcast, local training, server sgd on the mean delta); the student starts from
@@ -17,7 +17,7 @@ A KD round (spec 4.4, done as the reference intended rather than as it ran):
    already sits at the teacher, and Adam's roughly fixed-size steps then move it away;
 5. the result becomes the server params, broadcast at the start of the next round as FedAvg.
 
-Where the reference differs (spec 4.4, 9.3): it distilled only the clip branch (an exception skipped
+Where the reference differs: it distilled only the clip branch (an exception skipped
 the t5 step, leaving the global t5 at its random init and overwriting clients' t5 every round), ignored
 ``kd_learning_rate``, recomputed teachers every epoch, and stepped persistent server optimisers.
 """

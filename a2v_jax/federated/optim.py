@@ -1,7 +1,7 @@
 """Client and server optimisers: one AdamW per branch, the reference's schedules.
 
 Learning rates are applied from an explicit *epoch index* (round * local_epochs + epoch), as the
-reference steps its schedulers per epoch with that index (spec 3.4). The AdamW transform runs with
+reference steps its schedulers per epoch with that index. The AdamW transform runs with
 learning rate 1 and its update is scaled by the branch's scheduled rate, which is exactly AdamW
 with that rate (optax and torch both multiply the decoupled weight decay by the rate too).
 """

@@ -1,19 +1,20 @@
-"""Server-side aggregation of synthetic samples and global training of the heads (seed 001, Run 2).
+"""Server-side aggregation of synthetic samples and global training of the heads (Run 2 of the reference's design notes).
 
 The design notes' Run 2: every node trains its heads on its real clips, draws
 ``synthetic_samples_per_class`` synthetic AST features per class from its generators, and sends heads
 and synthetic features to the server; the server aggregates the heads (FedAvg) and the synthetic
 features per class across nodes, then (``global_model_train``) trains the global heads on the aggregated
 features for ``global_model_train_epochs`` epochs. This module is that server step, done as the notes
-intend where the reference had dead code (spec 4.6, 5.6: its aggregation was never consumed, its
-global-training paths raised or returned 0):
+intend where the reference had dead code (its aggregation was never consumed, its global-training
+paths raised or returned 0):
 
 * inputs: the round's aggregated synthetic rows, plus each node's per-class MEAN real feature when the
   nodes train on real features (one (T, D) row per node and class: what a node may share; never a clip);
 * targets, by class: the text embeddings the nodes regress (default), or with
   ``global_model_train_from_nodes_adapters`` the nodes' own heads' mean output per class -- each node
   averages its heads' outputs over its train rows of the class, the server averages those means over
-  the nodes holding the class (spec 4.6's "mean client CLIP output", for every branch). A class no node
+  the nodes holding the class (the reference's intended "mean client CLIP output", for every branch).
+  A class no node
   holds keeps its text target;
 * optimisation: exactly a node's local training (``local.make_local_train``: shuffled batches of
   ``batch_size``, MSE per branch, padding rows ignored), run on the server params with a fresh AdamW at

@@ -1,4 +1,4 @@
-"""Run 1 and Run 2 of the generator workflow, as stages the trainer calls (seeds 001-003, spec 5).
+"""Run 1 and Run 2 of the generator workflow, as stages the trainer calls (the reference's design notes).
 
 Run 1 (``use_generator`` + ``generator_training_mode``; ``use_generator`` alone is refused, it would
 neither train nor restore anything): every round, after the heads' round, the generators train on the nodes' TRAIN features -- rows of the cached AST features,
@@ -150,7 +150,7 @@ def text_conditioned(cfg: Config) -> bool:
 def condition_table(cfg: Config, targets: dict, num_classes: int) -> Optional[np.ndarray]:
   """The (K, E) class conditions of a conditioned generator; None for one-hot (the default table).
 
-  ``generator_condition: text`` is seed 001's "CLIP visual condition": each class's text embedding --
+  ``generator_condition: text`` is the design notes' "CLIP visual condition": each class's text embedding --
   the pooled CLIP target when the heads have a clip branch (SD's (77, d) token sequence is averaged
   over tokens), else the T5 target's token mean (cogx) -- scaled to unit norm like a one-hot row, so the
   condition's scale does not depend on the text encoder.
@@ -407,7 +407,7 @@ def check_features(cfg: Config, state: gt.GenState, features: Optional[np.ndarra
 
 
 def synthetic_counts(cfg: Config, nodes: NodeData) -> np.ndarray:
-  """(C, K) samples per node and class from the nodes' train labels (spec 5.6)."""
+  """(C, K) samples per node and class from the nodes' train labels."""
   index, mask = _padded(_train_rows(nodes))
   return gt.synthetic_counts(cfg.generators, nodes.clipset.labels, mask, len(nodes.clipset.class_names),
                              index=index)

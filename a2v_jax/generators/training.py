@@ -10,7 +10,7 @@ Slots. A *slot* is one generator (one param set, one AdamW state). Its *key* fol
 * Shared (``generator_only_mode`` and ``shared_generator_in_only_mode``): one slot per key, shared by
   every node. Its params and optimiser state are threaded through the nodes' data in node order by a
   ``lax.scan`` over nodes -- the functional form of the reference's single server instance that all
-  clients train one after another (spec 5.4). ``unified`` + shared is ONE param set; ``per_class`` +
+  clients train one after another. ``unified`` + shared is ONE param set; ``per_class`` +
   shared is one per class, each still scanned over nodes (and the classes vmapped).
 
 Both cases are the same program: ``train_slot`` scans over V *visits* (V = 1 non-shared, V = nodes
@@ -21,9 +21,9 @@ hashes each row's *position*, and every visit / epoch / batch key is a ``fold_in
 not depend on padding or on the other slots; so unequal clients share one compiled program (compiled
 once per configuration and padded size) and give exactly what a per-client loop gives.
 
-Reset (``reset_generator_on_class_change``, default off as in seed 003). Our generators are trained
+Reset (``reset_generator_on_class_change``, default off as in the design notes). Our generators are trained
 once per slot and continue across rounds (the reference retrained every class from scratch every
-round, spec 5.4). With the flag on, seed 003's rule, tracked per node as its
+round). With the flag on, the design notes' rule, tracked per node as its
 ``previously_trained_classes``: when a node that has trained before brings classes it has not trained
 (``GenState.node_seen``), the generators those new classes map to are re-initialised (params, AdamW
 state, epoch counter, seen classes) before that node's visit -- ``per_class``: the new classes'
@@ -34,7 +34,7 @@ first visit and ended knowing only the last node's classes). With fixed node dat
 resets are for class-incremental data (a node's classes growing between calls). ``node_seen`` is part
 of the checkpoint, so a resumed run resets exactly what a straight one does (the reference lost it).
 
-Schedules. The VAE loss's beta / cosine-weight schedules (spec 5.3) are evaluated at the number of
+Schedules. The VAE loss's beta / cosine-weight schedules are evaluated at the number of
 epochs the slot has trained since its last (re)initialisation, with E = ``generator_training_epochs``:
 the first call reproduces the reference exactly, later rounds continue at the schedules' floors.
 
@@ -166,7 +166,7 @@ class GenState:
   opt_state: OptState     # (G, ...)
   epoch: jax.Array        # (G,) int32, epochs trained since (re)initialisation
   seen: jax.Array         # (G, K) bool, classes trained on since (re)initialisation
-  node_seen: jax.Array    # (nodes, K) bool, classes each node has trained on (seed 003's per-node set)
+  node_seen: jax.Array    # (nodes, K) bool, classes each node has trained on (the design notes' per-node set)
   cond_table: jax.Array   # (K, cond_dim) condition of each class (one-hot unless given)
   spec: GeneratorSpec = flax.struct.field(pytree_node=False)
   layout: SlotLayout = flax.struct.field(pytree_node=False)
@@ -253,7 +253,7 @@ def make_layout(cfg: GeneratorConfig, labels: Any, mask: Any, num_classes: int, 
 
 def synthetic_counts(cfg: GeneratorConfig, labels: Any, mask: Any, num_classes: int, *,
                      index: Any = None) -> np.ndarray:
-  """(C, K) synthetic samples per node and class (spec 5.6).
+  """(C, K) synthetic samples per node and class.
 
   ``'auto'``: ``max(1, train rows // classes present)`` for each class the node holds; an integer:
   that count for each class the node holds (the reference used every available class; we only

@@ -1,6 +1,6 @@
 """Generators of frozen AST feature sequences: VAE, class-conditioned VAE, GAN (flax.linen).
 
-What they model (spec 5.1): the adapters' *input*, i.e. AST hidden states of a clip, an (T, D) token
+What they model: the adapters' *input*, i.e. AST hidden states of a clip, an (T, D) token
 sequence (T = 1214, D = 768 for the real AST), reduced to S tokens (``generator_training_sequence_length``,
 default 4) by adaptive average pooling over tokens as the reference does (:func:`pool_tokens`).
 Samples can be stretched back to any token count by linear interpolation (:func:`interpolate_tokens`,
@@ -47,13 +47,13 @@ import numpy as np
 
 from a2v_jax.types import Params, PRNGKey
 
-# The reference's ConditionedVAEGenerator sizes (seed 001): input 512, hidden 1024, latent 256,
+# The reference's ConditionedVAEGenerator sizes (the reference's design notes): input 512, hidden 1024, latent 256,
 # visual (condition) 768, sequence 4.
 REFERENCE_CVAE = dict(feature_dim=512, hidden_dim=1024, latent_dim=256, cond_dim=768, seq_len=4)
-# The reference's VAEGenerator as used in every run (spec 5.2): 768-d tokens, hidden 1024, latent 256.
+# The reference's VAEGenerator as used in every run: 768-d tokens, hidden 1024, latent 256.
 REFERENCE_VAE = dict(feature_dim=768, hidden_dim=1024, latent_dim=256, seq_len=4)
 
-# Reference clamps (spec 5.2): they keep exp(logvar) and the decoder input bounded.
+# Reference clamps: they keep exp(logvar) and the decoder input bounded.
 LOGVAR_RANGE = (-5.0, 2.0)
 MU_RANGE = (-5.0, 5.0)
 Z_RANGE = (-5.0, 5.0)
@@ -247,7 +247,7 @@ def _masked_mean(v: jax.Array, weights: Optional[jax.Array]) -> jax.Array:
 
 
 def vae_loss_weights(epoch: jax.Array, total_epochs: int) -> tuple[jax.Array, jax.Array]:
-  """The reference's schedules (spec 5.3): beta ramps to 0.01 over the first half of the epochs,
+  """The reference's schedules: beta ramps to 0.01 over the first half of the epochs,
   the (1 - cos) weight decays from 0.1 to a floor of 0.01. ``epoch`` is 0-based."""
   warmup = max(1, int(0.5 * total_epochs))
   e = jnp.asarray(epoch, jnp.float32)
@@ -258,7 +258,7 @@ def vae_loss_weights(epoch: jax.Array, total_epochs: int) -> tuple[jax.Array, ja
 
 def vae_loss(x_hat: jax.Array, x: jax.Array, mu: jax.Array, logvar: jax.Array, epoch: jax.Array,
              total_epochs: int, weights: Optional[jax.Array] = None) -> tuple[jax.Array, dict[str, jax.Array]]:
-  """recon MSE + beta(e) * KL + w_sim(e) * (1 - cos), as the reference's ``VAELoss`` (spec 5.3).
+  """recon MSE + beta(e) * KL + w_sim(e) * (1 - cos), as the reference's ``VAELoss``.
 
   Every term is a per-example mean (over S*D, over Z, one cosine per flattened example) averaged
   over the batch; ``weights`` (B,) masks padding rows (a batch of equal-size examples with unit
@@ -343,7 +343,7 @@ def vae_param_count(seq_len: int, feature_dim: int, hidden_dim: int, latent_dim:
 
 
 def reference_vae_param_count(seq_len: int, feature_dim: int, hidden_dim: int = 1024, latent_dim: int = 256) -> int:
-  """Closed form of the reference's flattening ``VAEGenerator`` (spec 5.2) for comparison."""
+  """Closed form of the reference's flattening ``VAEGenerator`` for comparison."""
   sf, h, z = seq_len * feature_dim, hidden_dim, latent_dim
   encoder = (sf * h + h) + (h * h + h) + (h * 2 * z + 2 * z)
   decoder = (z * h + h) + (h * h + h) + (h * sf + sf)

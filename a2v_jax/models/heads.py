@@ -1,6 +1,6 @@
 """Per-node trainable heads: token-wise Adapter MLP + MAPBlock latent pooling, one branch per text encoder.
 
-Shapes follow the reference (spec 2.2-2.4): the clip branch maps AST tokens (N, D_ast) to the
+Shapes follow the reference: the clip branch maps AST tokens (N, D_ast) to the
 pooled CLIP vector (K=1, squeezed) for FLUX or to the 77 CLIP hidden states for SD; the t5 branch
 maps them to K T5 token states (17 for FLUX). The reference's MAPBlock is almost certainly
 Voltron's (input projection, learned latents, post-RMSNorm, SwishGLU MLP); we follow it, with

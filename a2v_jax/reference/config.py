@@ -2,7 +2,7 @@
 
 Why a translator and not ``config.load``: a reference file means what fedgfe *did*
 with it, not what its keys say. Its loader injected defaults for some missing keys
-and turned every other missing key into ``None`` (spec 8.1), so e.g. a file without
+and turned every other missing key into ``None``, so e.g. a file without
 ``adapter_aggregation_mode`` ran without aggregation, and its model widths, AST input
 length and Flux settings were hard-coded. This module therefore starts from the
 reference's *effective* values, overlays the file, and accounts for every key:
@@ -10,7 +10,7 @@ reference's *effective* values, overlays the file, and accounts for every key:
 * mapped: our field of the same or another name (``training.learning_rate`` ->
   ``kd_learning_rate``, ``generate_embeddings_only`` ->
   ``save_embeddings_instead_of_images``, ``wandb.disabled`` -> ``wandb``, ...);
-* accepted but ignored: one warning each (legacy keys of spec 8.2/8.4, output
+* accepted but ignored: one warning each (fedgfe's legacy and unused keys, output
   folders, memory switches, per-node values we cannot express, ...);
 * not honourable: a ConfigError naming the key (another algorithm or optimiser,
   a server "global model" training path, rendering from ground-truth embeddings, ...).
@@ -32,7 +32,7 @@ from a2v_jax.data.scan import suggest
 from a2v_jax.data.reference_nodes import DATA_KEYS, OTHER_KEYS
 
 # Values fedgfe used when its file is silent (loader defaults, None-defaults that
-# mean "off", and hard-coded model/feature settings; spec 2, 3.4, 8.2, TL;DR 2-3, 14).
+# mean "off", and the model / feature settings its code hard-codes).
 REFERENCE_DEFAULTS: dict[str, Any] = {
     "adapter_aggregation_mode": "none",  # None*: send/receive, no aggregation
     "clip_adapter_learning_rate": 1e-4, "clip_adapter_weight_decay": 1e-4,
@@ -41,16 +41,16 @@ REFERENCE_DEFAULTS: dict[str, Any] = {
     "optimizer_clip_gradients": False, "use_cls_token_only": False,
     "generate_nodes_images_frequency": 0, "generate_global_images_frequency": 0,
     "save_embeddings_instead_of_images": False,
-    # An embeddings-only run saved every round unless told otherwise (seed 004:
-    # feda2v.get('embeddings_save_frequency', 1)); ours defaults to 0 (never), which lost them.
+    # An embeddings-only run saved every round unless told otherwise (its embeddings
+    # writer read feda2v.get('embeddings_save_frequency', 1)); ours defaults to 0 (never), which lost them.
     "embeddings_save_frequency": 1,
     "use_generator": False, "generator_type": "vae", "use_conditioned_vae": False,
     "generator_granularity": "unified", "generator_augmentation": False,
     # fedgfe's clients saved their generators in Run 1 whatever generator_save_checkpoint said (that key
-    # only gated a dead server-side save, spec 8.2): a translated Run 1 keeps them too.
+    # only gated a dead server-side save): a translated Run 1 keeps them too.
     "generator_save_checkpoint": True, "generator_load_checkpoint": False,
     "generator_checkpoint_frequency": 5,
-    # Hard-coded VAE generator (spec 5.2-5.4): MLP 1024 hidden, 256 latent, batch 1, lr 1e-2.
+    # Hard-coded VAE generator: MLP 1024 hidden, 256 latent, batch 1, lr 1e-2.
     "generator_hidden_dim": 1024, "generator_latent_dim": 256, "generator_batch_size": 1,
     "generator_learning_rate": 1e-2,
     # Hard-coded model and front-end.

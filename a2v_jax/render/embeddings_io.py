@@ -2,7 +2,7 @@
 
 Why: rendering (FLUX/SD) is orders of magnitude slower than training the heads, so a run can
 write, per node and round, what its heads predict for each clip and render later, on other
-hardware, with other sampler settings (the reference's "embeddings-only mode", spec 6.2).
+hardware, with other sampler settings (the reference's "embeddings-only mode").
 
 Format (one file per node or server and round, ``embeddings_filename``):
 
@@ -276,7 +276,7 @@ def _check_rows(ef: EmbeddingsFile) -> None:
       raise EmbeddingsFileError(f"{ef.path}: branch {b!r} has shape {x.shape}, expected {n} rows")
 
 
-# --- the reference's .pt layout (fedgfe clientA2V / serverA2V, spec 6.2) ---------------------------
+# --- the reference's .pt layout (fedgfe clientA2V / serverA2V) ---------------------------
 
 
 def _to_numpy(x: Any, where: str) -> np.ndarray:

@@ -1,7 +1,7 @@
 """Image-level evaluation: CLIP zero-shot classification of rendered images over the class names.
 
 Why: the reference judges its heads by rendering one image per clip and asking CLIP
-ViT-B/32 which class name the image shows (spec 4.5). The classifier is torch ``CLIPModel``
+ViT-B/32 which class name the image shows. The classifier is torch ``CLIPModel``
 from a local directory (the real one, or the tiny one written by
 ``backbones.tiny_diffusion.write_tiny_clip_model``); the metrics are plain numpy with
 sklearn's definitions (no sklearn dependency), so numbers are comparable with the reference.

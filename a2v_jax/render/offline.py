@@ -2,7 +2,7 @@
 
 Why a library and not only a script (``experiments/render.py`` is the thin CLI): the same
 code renders from a notebook or a job, and is tested end to end on tiny models. It replaces
-the reference's ``generate_images_from_checkpoint.py`` (spec 6.3) and fixes what that got
+the reference's ``generate_images_from_checkpoint.py`` and fixes what that got
 wrong: the t5/clip branches go to ``prompt_embeds``/``pooled_prompt_embeds`` respectively
 (never swapped), server files render too, batches are real batches, every image is seeded,
 bad files are reported (and skipped or stop the run), and existing output is never silently

@@ -6,7 +6,7 @@ builds one ``RoundOutputs`` per run and, after each round, asks ``wants(r)`` and
 everything heavy (the SD/FLUX renderer, the CLIP scorer) is loaded lazily, once, on the
 first round that needs it.
 
-Two mutually exclusive modes (the reference's ``generate_embeddings_only`` switch, spec 4.5,
+Two mutually exclusive modes (the reference's ``generate_embeddings_only`` switch,
 6.2, 6.4):
 
 * ``save_embeddings_instead_of_images``: every ``embeddings_save_frequency`` rounds (0 =
@@ -33,7 +33,7 @@ Decisions (and where they differ from the reference):
   val+test pool, the same clips every round; clip ``j`` starts from the noise of seed
   ``experiment.seed + j``, so images differ across rounds and between server and node only
   through the embeddings.
-* Aggregation ``none`` has no server model (spec 4.3): no server outputs. ``centralised``
+* Aggregation ``none`` has no server model: no server outputs. ``centralised``
   has no federated nodes: only server outputs.
 * ``cogx`` has no renderer: a message at construction; embeddings checkpoints still work.
 * ``generator_only_mode`` (Run 1) trains no heads: nothing is written, as in the reference.

@@ -1,6 +1,6 @@
-"""``generate``: the reference's third step -- trained heads + trained generators, no training (spec 5.6-5.7, 6.2).
+"""``generate``: the reference's third step -- trained heads + trained generators, no training.
 
-The reference's pipeline (spec 5.7) is three runs: Run 1 trains the generators, a heads run trains (and
+The reference's pipeline is three runs: Run 1 trains the generators, a heads run trains (and
 checkpoints) the heads, and a generate run loads both and turns synthetic features into conditioning
 embeddings and images. Here the third run is ``run_generate``, which ``trainer.train_and_evaluate`` calls
 when ``adapter_load_checkpoint`` names a finished run directory::

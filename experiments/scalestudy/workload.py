@@ -17,7 +17,7 @@ from a2v_jax.config import Config
 from a2v_jax.federated import aggregate, engine, optim
 from a2v_jax.federated.state import ClientState, ServerState
 
-# The reference's head widths (spec 2.2-2.4) for FLUX: ~315 M trainable parameters per node.
+# The reference's head widths for FLUX: ~315 M trainable parameters per node.
 REFERENCE_PRESET = {"clip_adapter_hidden": [1024, 2048], "t5_adapter_hidden": [1024, 2048, 2048], "map_heads": 16}
 REFERENCE_SHAPES = {"feature_dim": 768, "clip": (768,), "t5": (17, 4096)}
 
