@@ -79,21 +79,16 @@ def _run_translated(tmp_path, name, feda2v, capsys):
   return tmp_path / "runs" / name
 
 
-def test_translated_run1_saves_its_generators(tmp_path, capsys):
-  """fedgfe's clients always saved their Run 1 generators; the translated config keeps them."""
-  gens = tmp_path / "gens"
+def test_translated_run1_keeps_its_generators_and_its_embeddings(tmp_path, capsys):
+  """fedgfe's clients always saved their Run 1 generators, and an embeddings-only run saved every round unless
+  told otherwise (embeddings_save_frequency 1): the translated config keeps both."""
+  gens, emb = tmp_path / "gens", tmp_path / "emb"
   _run_translated(tmp_path, "ref_run1", {"use_generator": True, "generator_training_mode": True,
-                                         "generator_checkpoint_dir": str(gens)}, capsys)
+                                         "generator_checkpoint_dir": str(gens), "generate_embeddings_only": True,
+                                         "embeddings_checkpoint_dir": str(emb)}, capsys)
   root = gens / "generator"  # generator_checkpoint_base_name's default
   rounds = sorted(p.name for p in root.iterdir() if p.name.startswith("round_"))
   assert rounds[-1] == "round_00002" and (root / "round_00002" / "manifest.json").is_file(), rounds
-
-
-def test_translated_embeddings_only_run_saves_embeddings_every_round(tmp_path, capsys):
-  """Seed 004: generate_embeddings_only saves every round unless embeddings_save_frequency says otherwise."""
-  emb = tmp_path / "emb"
-  _run_translated(tmp_path, "ref_emb", {"generate_embeddings_only": True, "embeddings_checkpoint_dir": str(emb)},
-                  capsys)
   names = sorted(p.name for p in emb.rglob("*.safetensors"))
   for r in (1, 2):
     assert f"server_embeddings_r{r}.safetensors" in names, names
