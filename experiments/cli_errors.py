@@ -18,16 +18,15 @@ class UsageError(A2VError, ValueError):
   """A command-line argument that cannot be used (argparse cannot tell), e.g. an unknown case name."""
 
 
-def startup_errors() -> tuple[type[BaseException], ...]:
-  """The errors that mean "this run cannot start (or go on) as configured": every project error
-  (``a2v_jax.errors.A2VError``: config, data, checkpoints, a locked run directory, ...) and a missing file."""
-  return (A2VError, FileNotFoundError)
+# The errors that mean "this run cannot start (or go on) as configured": every project error (config, data,
+# checkpoints, a locked run directory, ...) and a missing file.
+PROJECT_ERRORS: tuple[type[BaseException], ...] = (A2VError, FileNotFoundError)
 
 
-def is_project_error(e: BaseException, extra: tuple[type[BaseException], ...] = ()) -> bool:
-  """A project error (``startup_errors`` or ``extra``), or a full disk wherever it was met."""
+def is_project_error(e: BaseException) -> bool:
+  """A project error (``PROJECT_ERRORS``), or a full disk wherever it was met."""
   from a2v_jax.checkpoint import is_disk_full
-  return isinstance(e, startup_errors() + tuple(extra)) or (isinstance(e, Exception) and is_disk_full(e))
+  return isinstance(e, PROJECT_ERRORS) or (isinstance(e, Exception) and is_disk_full(e))
 
 
 def error_label(e: BaseException) -> str:
@@ -57,13 +56,11 @@ def report(e: BaseException) -> int:
   return 2
 
 
-def guard(body: Callable[[], Any], *, extra: tuple[type[BaseException], ...] = (),
-          interrupted: Optional[str] = None) -> int:
+def guard(body: Callable[[], Any], *, interrupted: Optional[str] = None) -> int:
   """Runs a CLI's ``body``; returns its exit status.
 
   Args:
     body: the CLI's work; an int it returns is the status, anything else (rows, None) means 0.
-    extra: the CLI's own error classes, reported like the project's.
     interrupted: what Ctrl-C prints (status 130); None lets KeyboardInterrupt through.
 
   Returns:
@@ -78,7 +75,7 @@ def guard(body: Callable[[], Any], *, extra: tuple[type[BaseException], ...] = (
     print(f"interrupted: {interrupted}", file=sys.stderr)
     return 130
   except Exception as e:
-    if not is_project_error(e, extra):
+    if not is_project_error(e):
       raise
     return report(e)
   return status if isinstance(status, int) and not isinstance(status, bool) else 0

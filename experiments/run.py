@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from experiments.cli_errors import error_label, is_project_error, report, startup_errors  # noqa: F401 (re-exported)
+from experiments.cli_errors import is_project_error, report
 
 
 def _join(args: argparse.Namespace) -> None:

@@ -52,10 +52,11 @@ from a2v_jax.errors import A2VError
 from a2v_jax import checkpoint as ckpt_lib
 from a2v_jax import features as features_lib
 from a2v_jax.generators import checkpoint as gc
-from a2v_jax.config import Config
+from a2v_jax.config import Config, generator_condition
 from a2v_jax.data.nodes import NodeData
 from a2v_jax.data.records import Clip, ClipSet
 from a2v_jax.generators import training as gt
+from a2v_jax.federated import server_train
 from a2v_jax.federated.kd import pad_rows
 from a2v_jax.models import generators as gen
 from a2v_jax.types import PRNGKey
@@ -143,7 +144,6 @@ def draw(state: gt.GenState, scale: FeatureScale, key: PRNGKey, counts: np.ndarr
 
 def text_conditioned(cfg: Config) -> bool:
   """Whether the generators are conditioned on the class text embeddings (so need the text targets)."""
-  from a2v_jax.config import generator_condition
   return generator_condition(cfg.generators) == "text"
 
 
@@ -421,7 +421,6 @@ class SyntheticRows:
   mean_offset: int      # first class-mean row (the nodes' per-class mean real features)
   mean_count: int       # class-mean rows (0 unless global training with real features)
   server_row: dict      # server/synthetic_samples_{total,classes} when every node takes part
-  log_lines: tuple      # the server's aggregation log
   nodes: np.ndarray     # (count + mean_count,) the node each ``server_indices`` row comes from
 
   def server_indices(self) -> np.ndarray:
@@ -446,7 +445,6 @@ def add_synthetic(cfg: Config, prepared: Any, state: gt.GenState, scale: Feature
     GeneratorRunError: the generators cannot draw what the nodes hold, or a node would have nothing
       to train on.
   """
-  from a2v_jax.federated import server_train
   g, f = cfg.generators, cfg.federation
   nodes, names = prepared.nodes, prepared.class_names
   counts = synthetic_counts(cfg, nodes)
@@ -494,7 +492,7 @@ def add_synthetic(cfg: Config, prepared: Any, state: gt.GenState, scale: Feature
     clipset = ClipSet(f"{nodes.clipset.name}+synthetic", names, nodes.clipset.clips + tuple(extra))
     features = np.concatenate([np.asarray(real, np.float32), means, syn])
   syn_nodes = np.repeat(np.arange(len(feats)), [len(a) for a in feats])
-  rows = SyntheticRows(offset, len(syn), base, len(means), info, tuple(lines),
+  rows = SyntheticRows(offset, len(syn), base, len(means), info,
                        np.concatenate([syn_nodes, mnode]).astype(np.int32))
   if verbose:
     real_part = (" real" if g.train_on_real_features else "") if real is not None else ""

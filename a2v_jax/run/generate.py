@@ -57,6 +57,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from a2v_jax import checkpoint as ckpt_lib
+from a2v_jax.errors import A2VError
 from a2v_jax.render import embeddings_io
 from a2v_jax import features as features_lib
 from a2v_jax.generators import checkpoint as gen_ckpt
@@ -85,11 +86,8 @@ HEADS_KEYS: dict[str, tuple[str, ...]] = {
 SERVER, CLIENTS = "['server'].params", "['clients'].params"
 
 
-class GenerateError(ckpt_lib.CheckpointError):
-  """A generate run that cannot start: unusable heads run or checkpoint, heads of other widths.
-
-  A ``CheckpointError``, so the CLI reports it like the other start-up errors (one message, status 2).
-  """
+class GenerateError(A2VError, RuntimeError):
+  """A generate run that cannot start: unusable heads run or checkpoint, heads of other widths."""
 
 
 @dataclasses.dataclass(frozen=True)

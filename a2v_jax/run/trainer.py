@@ -41,6 +41,7 @@ from a2v_jax.generators import checkpoint as gen_ckpt
 from a2v_jax.federated import distributed, engine, sharding
 from a2v_jax.generators import runs as generator_runs
 from a2v_jax.federated import kd as kd_lib
+from a2v_jax.federated import server_train
 from a2v_jax.federated.evaluate import make_evaluator, pad_indices
 from a2v_jax.federated.evaluate import predict as predict_rows
 from a2v_jax.render.round_outputs import RoundOutputs
@@ -318,7 +319,6 @@ def train_and_evaluate(cfg: Config, *, resume: bool = False, verbose: bool = Tru
   # synthetic rows (+ the nodes' per-class mean features), federated/server_train.py.
   server_step = aggregate = None
   if pretrained is not None:
-    from a2v_jax.federated import server_train
     srows = pretrained.rows
     indices = srows.server_indices()
     aggregate = server_train.make_aggregate(
@@ -416,7 +416,6 @@ def _make_server_step(cfg: Config, apply_fn, max_rows: int, place: distributed.P
   """``step(server, clients, data, participate, idx, count, shared, round) -> (server, row)``: Run 2's
   server global training on the rows ``server_train.make_aggregate`` gathered from the round's participants
   (``idx``, the first ``count`` valid; one compiled program whatever the sample)."""
-  from a2v_jax.federated import server_train
   train = server_train.make_server_train(cfg, apply_fn, max_rows)
   node_targets = (server_train.make_node_targets(apply_fn, cfg.train.batch_size)
                   if cfg.federation.global_model_train_from_nodes_adapters else None)
@@ -426,7 +425,7 @@ def _make_server_step(cfg: Config, apply_fn, max_rows: int, place: distributed.P
     table = shared.targets if node_targets is None else node_targets(
         clients.params, data.idx, data.count * jnp.asarray(participate, data.count.dtype), shared)
     key = place.inputs(server_train.server_key(cfg, round_), clients=False)
-    idx, count = place.inputs(np.asarray(idx), clients=False), int(count)
+    idx, count = place.inputs(idx, clients=False), int(count)  # idx stays on the device in one process
     params, metrics = train(server.params, idx, count, shared._replace(targets=table), key)
     metrics = _finite(place.host(metrics), "the server's global training", round_)
     row = {f"server/global_train_{k}": float(v) for k, v in metrics.items()}
