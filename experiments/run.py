@@ -74,8 +74,8 @@ def main(argv=None) -> int:
     if args.dry_run:
       from a2v_jax.run.plan import print_plan
       return print_plan(cfg)
-    from a2v_jax.run.trainer import train_and_evaluate
-    train_and_evaluate(cfg, resume=args.resume, verbose=not args.quiet)
+    from a2v_jax.run.experiment import run_experiment
+    run_experiment(cfg, resume=args.resume, verbose=not args.quiet)
   except KeyboardInterrupt:
     sys.stdout.flush()
     print("interrupted: the last checkpoint is kept; continue with --resume", file=sys.stderr)

@@ -42,9 +42,10 @@ def parse_seeds(text: str) -> list[int]:
 
 def run_seed(cfg, verbose: bool = True) -> dict[str, Any]:
   """The summary of ``cfg``'s run: reused when finished with this config, resumed when interrupted."""
-  from a2v_jax.run import trainer
+  from a2v_jax.run.experiment import run_experiment
+  from a2v_jax.run.log import run_dir_for
   from a2v_jax.checkpoint import config_differences
-  run_dir = trainer.run_dir_for(cfg)
+  run_dir = run_dir_for(cfg)
   saved_cfg, summary = run_dir / "config.json", run_dir / "summary.json"
   if saved_cfg.is_file():
     diffs = config_differences(json.loads(saved_cfg.read_text()), cfg.to_dict())
@@ -60,7 +61,7 @@ def run_seed(cfg, verbose: bool = True) -> dict[str, Any]:
   resume = (run_dir / "metrics.jsonl").is_file()
   if verbose:
     print(f"seed {cfg.experiment.seed}: {'resuming' if resume else 'training'} {run_dir}")
-  return trainer.train_and_evaluate(cfg, resume=resume, verbose=verbose)
+  return run_experiment(cfg, resume=resume, verbose=verbose)
 
 
 def spread(summaries: Mapping[int, Mapping[str, Any]]) -> dict[str, dict[str, dict[str, Any]]]:

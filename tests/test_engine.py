@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from a2v_jax import config
-from a2v_jax.federated import aggregate, engine
+from a2v_jax.federated import engine
 from a2v_jax.federated.local import Shared
 from a2v_jax.models.heads import make_heads
 from a2v_jax.run.trainer import init_state, layout

@@ -19,7 +19,7 @@ from a2v_jax.backbones.paths import TINY_CLIP_DIM, TINY_T5_DIM
 from a2v_jax.generators import runs as grn
 from a2v_jax.models.heads import make_heads
 from a2v_jax.run.log import RunDirError
-from a2v_jax.run.trainer import train_and_evaluate
+from a2v_jax.run.experiment import run_experiment as train_and_evaluate
 from tests.fakes import synthetic_prepared
 
 HEADS = ["local_epochs=1", "batch_size=4", "clip_adapter_hidden=[8]", "t5_adapter_hidden=[8]", "map_heads=2",
@@ -57,7 +57,7 @@ def pipe(tmp_path_factory):
                      verbose=False, prepared=prep)
   heads_before = _listing(tmp / "heads")
   cfg = _gen_cfg(tmp, tmp, "gen")
-  summary = train_and_evaluate(cfg, verbose=False, prepared=prep)  # the trainer dispatches to generate
+  summary = train_and_evaluate(cfg, verbose=False, prepared=prep)  # run_experiment dispatches to generate
   return dict(tmp=tmp, prep=prep, cfg=cfg, summary=summary, heads_before=heads_before)
 
 

@@ -5,7 +5,6 @@ import json
 import numpy as np
 import soundfile as sf
 
-from a2v_jax import config
 from a2v_jax.data.nodes import build_nodes
 from a2v_jax.reference.config import load_config
 from experiments.run import main

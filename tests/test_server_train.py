@@ -1,8 +1,6 @@
 """Run 2's server side: aggregation of synthetic samples, class means, the global-training step vs an
 independent computation, node-output targets, the trainer's server step end to end and resumed."""
 
-import json
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp

@@ -8,7 +8,7 @@ pooled once to S tokens -- for ``generator_training_epochs``, all slots in one `
 last epoch, averaged over the node's slots. Checkpoints go to
 ``{generator_checkpoint_dir}/{generator_checkpoint_base_name}/round_XXXXX`` (``generator_checkpoint``),
 recording the data and feature settings Run 2 must agree with. ``generator_only_mode`` trains no heads
-and computes no text targets (:func:`train_generators_only`); nodes share one generator per key when
+and computes no text targets (the trainer's ``generators_only``, the same round loop); nodes share one generator per key when
 ``shared_generator_in_only_mode`` (the reference's server instance, trained by the nodes one after
 another -- on FSDD it drifts to the last node's speaker: train-on-synthetic accuracy 0.18 against 0.55
 with a generator per node and class, so the FSDD config turns sharing off).
@@ -286,40 +286,6 @@ def train_round(cfg: Config, run: Run1, round_: int) -> tuple[Run1, dict[str, fl
                             "generator checkpoint is kept)")
   row["server/generator_seconds"] = round(time.time() - t0, 4)
   return dataclasses.replace(run, state=state), row
-
-
-def train_generators_only(cfg: Config, prepared: Any, log: Any, *, resume: bool, verbose: bool) -> dict[str, Any]:
-  """``generator_only_mode``: rounds of generator training only (no heads, no text targets, no diffusion).
-
-  Resumes from the latest complete generator round (the only state of such a run).
-  """
-  g = cfg.generators
-  start = (gc.latest_round(g) or 0) if resume else 0
-  run = start_run1(cfg, prepared, resume_round=start or None, resume=resume)
-  if start:
-    log.truncate_after(start)
-    if verbose:
-      print(f"resumed generators from round {start} ({gc.round_dir(g, start)})")
-  if verbose:
-    print(f"generator-only Run 1: {run.state.layout.num_slots} generator slot(s) "
-          f"({'shared' if run.state.layout.shared else 'per node'}, {g.generator_granularity}), "
-          f"{run.pool.shape[0]} train rows pooled to {tuple(run.pool.shape[1:])}; writing {gc.checkpoint_root(g)}")
-  if not g.generator_save_checkpoint and verbose:
-    print("warning: generator_save_checkpoint is false: nothing of this run will be kept")
-  extra = run1_extra(cfg, prepared, run)
-  last = cfg.federation.global_rounds
-  times = []
-  for r in range(start + 1, last + 1):
-    t0 = time.time()
-    run, grow = train_round(cfg, run, r)
-    times.append(time.time() - t0)
-    log.append({"round": r, "round_seconds": round(times[-1], 4), **grow})
-    if gc.should_save(g, r, last):
-      gc.save_generators(g, run.state, r, extra=extra)
-  return log.finish(cfg, extra={
-      "generator_checkpoints": str(gc.checkpoint_root(g)), "generator_latest_round": gc.latest_round(g),
-      "generator_slots": run.state.layout.num_slots,
-      "mean_round_seconds_after_first": float(np.mean(times[1:])) if len(times) > 1 else None})
 
 
 # ---------------------------------------------------------------------------------------------

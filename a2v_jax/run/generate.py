@@ -2,7 +2,7 @@
 
 The reference's pipeline is three runs: Run 1 trains the generators, a heads run trains (and
 checkpoints) the heads, and a generate run loads both and turns synthetic features into conditioning
-embeddings and images. Here the third run is ``run_generate``, which ``trainer.train_and_evaluate`` calls
+embeddings and images. Here the third run is ``run_generate``, which ``experiment.run_experiment`` calls
 when ``adapter_load_checkpoint`` names a finished run directory::
 
   python -m experiments.run --config experiments/configs/fsdd_generate.json
@@ -50,10 +50,9 @@ import dataclasses
 import json
 import time
 from pathlib import Path
-from typing import Any, Callable, Mapping, Optional, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from a2v_jax import checkpoint as ckpt_lib
@@ -63,9 +62,8 @@ from a2v_jax import features as features_lib
 from a2v_jax.generators import checkpoint as gen_ckpt
 from a2v_jax.config import Config
 from a2v_jax.generators import runs as generator_runs
-from a2v_jax.generators import training as gt
 from a2v_jax.models.heads import head_functions, make_heads
-from a2v_jax.run.log import RunDirError, RunLog
+from a2v_jax.run.log import RunDirError, RunLog, run_dir_for
 from a2v_jax.types import Params, PRNGKey
 
 # fold_in salt of the run key for the generate draw (generator_runs holds the other salts).
@@ -337,7 +335,6 @@ def run_generate(cfg: Config, *, resume: bool = False, verbose: bool = True,
     GeneratorCheckpointError / GeneratorRunError: the generators (Run 2's checks).
     RunDirError: the run directory (or an embeddings file) holds an earlier run.
   """
-  from a2v_jax.run.trainer import run_dir_for
   t0 = time.time()
   if jax.process_count() > 1:
     raise GenerateError("a generate run is one process's work (no training); start it without --coordinator")

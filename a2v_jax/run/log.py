@@ -20,6 +20,11 @@ class RunDirError(A2VError, RuntimeError):
   """The run directory holds an earlier run that this one would overwrite."""
 
 
+def run_dir_for(cfg: Any) -> Path:
+  """A run's directory: ``{output_dir}/{name}``."""
+  return Path(cfg.experiment.output_dir) / cfg.experiment.name
+
+
 def train_losses(row: dict[str, Any]) -> tuple[dict[str, dict[str, float]], dict[str, float]]:
   """(heads' train losses {node: {branch: loss}}, generator losses {node: loss}) of a round row.
 

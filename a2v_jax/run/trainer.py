@@ -1,14 +1,19 @@
 """``train_and_evaluate(cfg)``: the federated run, in named stages that read top to bottom.
 
-features -> layout -> init (or restore) -> rounds (round, evaluate, log, checkpoint) -> summary.
-Each stage is a function of its own, importable and tested alone.
+Set-up: ``prepare`` (nodes, cached features, text targets) -> ``layout`` (padded index arrays) -> the heads'
+programs -> ``init_state`` or ``restore_heads``. Then the one round loop (``run/rounds.py``) over this
+run's stages, each ``stage(carry, round) -> (carry, row entries)`` on a :class:`Carry`:
 
-Generator runs (``generators/runs.py``) add stages without changing the engine:
-Run 1 (``use_generator``) trains the generators after each round's heads and checkpoints them with the
-heads (``generator_only_mode`` runs generator rounds only); Run 2 (``use_pretrained_generators``)
-restores them first (start-up errors before anything else), prepares without the AST and appends
-synthetic train rows to the features. ``adapter_aggregation_mode: kd`` distils the server heads after
-each round (``federated/kd.py``).
+  redraw_stage    Run 2 with ``synthetic_resample_each_round``: fresh synthetic rows (rounds after the first)
+  heads_stage     local training of the sampled clients + aggregation (``federated/engine.py``)
+  run1_stage      Run 1 (``use_generator``): the generators train after the round's heads
+  server_stage    Run 2: the server gathers the participants' synthetic rows, trains the global heads on them
+  kd_stage        ``adapter_aggregation_mode: kd``: distil the server heads (``federated/kd.py``)
+  evaluate_stage, outputs_stage   (not timed) val / test metrics; embeddings and renders
+  heads_saver     round checkpoints (Run 1's generators first)
+
+``generator_only_mode`` runs go through the same loop with one stage (:func:`generators_only`).
+A config with ``adapter_load_checkpoint`` is not trained: ``run/experiment.py`` sends it to ``generate``.
 
 Across processes only the heads' arrays are global (clients split over processes, server replicated).
 The generator stages are replicated instead: they are small (one generator per node / class slot), so
@@ -21,20 +26,15 @@ checkpoints (``generator_checkpoint``); every process reads them.
 from __future__ import annotations
 
 import dataclasses
-import json
-import math
 import time
-from pathlib import Path
 from typing import Any, Optional
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from tqdm.auto import tqdm
 
 from a2v_jax.errors import A2VError
 from a2v_jax import checkpoint as ckpt_lib
-from a2v_jax import config as config_lib
 from a2v_jax import features as features_lib
 from a2v_jax.config import Config
 from a2v_jax.generators import checkpoint as gen_ckpt
@@ -47,7 +47,8 @@ from a2v_jax.federated.evaluate import predict as predict_rows
 from a2v_jax.render.round_outputs import RoundOutputs
 from a2v_jax.federated.local import Shared
 from a2v_jax.models.heads import count_params, head_functions, make_heads
-from a2v_jax.run.log import RunLog
+from a2v_jax.run.log import RunLog, run_dir_for
+from a2v_jax.run.rounds import Rounds, mean_after_first, run_rounds
 from a2v_jax.run import wandb_sink
 
 
@@ -207,10 +208,6 @@ def init_state(alg: engine.Algorithm, key: jax.Array) -> tuple[Any, Any]:
   return jax.jit(alg.init).lower(key).compile(compiler_options=RUN_ONCE_COMPILER_OPTIONS)(key)
 
 
-def run_dir_for(cfg: Config) -> Path:
-  return Path(cfg.experiment.output_dir) / cfg.experiment.name
-
-
 # How long the other processes of a multi-process run wait for process 0 to fill the feature caches.
 PREPARE_TIMEOUT_S = 6 * 3600
 
@@ -229,24 +226,38 @@ def prepare_in_turn(cfg: Config, verbose: bool = True, **kwargs: Any) -> Prepare
   return prepared if prepared is not None else prepare(cfg, verbose=False, **kwargs)
 
 
+@dataclasses.dataclass(frozen=True)
+class Carry:
+  """A heads run's state between stages of a round."""
+  server: Any                 # the global heads (replicated)
+  clients: Any                # every client's heads (split over the mesh)
+  shared: Shared              # features, labels, targets (replaced when Run 2 redraws its synthetic rows)
+  participate: Any = None     # this round's sampled clients (set by the heads stage)
+  run1: Any = None            # Run 1's generators (generators.runs.Run1), trained after the heads
+
+
 def train_and_evaluate(cfg: Config, *, resume: bool = False, verbose: bool = True,
                        prepared: Optional[Prepared] = None) -> dict[str, Any]:
   """Runs (or resumes) the federated experiment described by ``cfg``; returns the final summary.
+
+  Stages: Run 2 start-up (its checkpoint problems surface before the run directory is touched) -> run
+  directory -> features -> (generator-only runs: :func:`generators_only`) -> layout and programs ->
+  init or restore -> :func:`a2v_jax.run.rounds.run_rounds` over this run's stages -> summary.
 
   Across processes (after ``distributed.initialize``) every process calls this with the same config:
   each feeds the clients its devices hold, all take part in the rounds, evaluations and orbax's
   checkpoint saves and restores, and process 0 alone writes the run directory and prints. Generator
   stages and KD run replicated (module docstring).
   """
-  if cfg.federation.adapter_load_checkpoint is not None:  # generate: trained heads + generators, no training
-    from a2v_jax.run import generate
-    return generate.run_generate(cfg, resume=resume, verbose=verbose, prepared=prepared)
+  if cfg.federation.adapter_load_checkpoint is not None:
+    raise TrainingError("adapter_load_checkpoint is set: this is a generate run (no training); run it through "
+                        "a2v_jax.run.experiment.run_experiment or python -m experiments.run")
   run_dir = run_dir_for(cfg)
   g = cfg.generators
   primary = jax.process_index() == 0
   verbose = verbose and primary
   pretrained = None
-  if g.use_pretrained_generators:  # Run 2: checkpoint problems surface before the run directory is touched
+  if g.use_pretrained_generators:
     prepared, pretrained = start_pretrained(cfg, prepared, verbose)
   log = RunLog(run_dir, resume=resume, verbose=verbose, write=primary)
   # wandb mirrors heads runs (generator-only runs log to the run directory only).
@@ -257,7 +268,8 @@ def train_and_evaluate(cfg: Config, *, resume: bool = False, verbose: bool = Tru
     print(f"run directory: {run_dir}")
   prepared = prepared or prepare_in_turn(cfg, verbose)
   if g.generator_only_mode:
-    return generator_runs.train_generators_only(cfg, prepared, log, resume=resume, verbose=verbose)
+    return generators_only(cfg, prepared, log, resume=resume, verbose=verbose)
+
   mesh = sharding.client_mesh()
   real_clients = 1 if cfg.federation.adapter_aggregation_mode == "centralised" else len(prepared.nodes.nodes)
   lay = layout(cfg, prepared, sharding.padded_clients(real_clients, mesh))
@@ -273,131 +285,44 @@ def train_and_evaluate(cfg: Config, *, resume: bool = False, verbose: bool = Tru
   place = distributed.Placement(mesh, num_clients)
   alg = engine.fed_a2v(cfg, apply_fn, init_fn, steps=lay.steps, num_clients=num_clients)
   round_fn = engine.jit_round(alg)
-  evaluate = make_evaluator(apply_fn, cfg.train.batch_size)
-  eval_nodes = jax.jit(jax.vmap(evaluate, in_axes=(0, 0, 0, None)))
-  eval_global = jax.jit(evaluate)
-  eval_nodes_global = jax.jit(jax.vmap(evaluate, in_axes=(0, None, None, None)))
-
   host_shared = Shared(prepared.features, prepared.nodes.clipset.labels, dict(prepared.targets))
-  shared = place.replicated(host_shared)
   data = engine.RoundData(*place.clients((lay.train_idx, lay.train_count)))
   # Every process computes the whole init on its own devices (the same values) and keeps its clients.
   server, clients = init_state(alg, jax.random.PRNGKey(cfg.experiment.seed))
-  clients = place.clients(clients)
-  server = place.replicated(server)
+  carry = Carry(place.replicated(server), place.clients(clients), place.replicated(host_shared))
   checkpointer = ckpt_lib.RoundCheckpointer(run_dir / "state", cfg.federation.max_to_keep)
-  # Embedding checkpoints and in-training renders (render/round_outputs.py); `shared` is an argument so the
-  # features are not baked into the program as a constant.
+  start_round, restored = restore_heads(checkpointer, carry, cfg, log, verbose) if resume else (0, None)
+  if restored is not None:
+    carry = dataclasses.replace(carry, **restored)
+  if g.use_generator and g.generator_training_mode and not g.use_pretrained_generators:
+    carry = dataclasses.replace(
+        carry, run1=generator_runs.start_run1(cfg, prepared, resume_round=start_round or None, resume=resume))
+
+  train = []
+  if pretrained is not None and g.synthetic_resample_each_round:
+    train.append(redraw_stage(cfg, pretrained, prepared, place))
+  train.append(heads_stage(round_fn, data, place, lay.num_real_clients))
+  if carry.run1 is not None:
+    train.append(run1_stage(cfg))
+  if pretrained is not None:
+    train.append(server_stage(cfg, apply_fn, pretrained, prepared, data, place))
+  if cfg.federation.adapter_aggregation_mode == "kd":
+    kd = kd_lib.make_kd(cfg, apply_fn, cfg.train.batch_size)
+    gens = None if carry.run1 is not None else (pretrained.state, pretrained.scale)
+    train.append(kd_stage(cfg, kd, gens, np.asarray(lay.train_count > 0, np.float32), int(token_shape[0]), place))
+  report = [evaluate_stage(cfg, lay, apply_fn, place)]
   outputs = RoundOutputs(cfg, run_dir, prepared.class_names,
                          [c.clip_id for c in prepared.nodes.clipset.clips], cfg.hash())
-  predict_jit = jax.jit(lambda p, idx, sh: predict_rows(apply_fn, p, idx, sh, cfg.train.batch_size))
-  start_round = 0
-  if resume and checkpointer.latest_round() is not None:
-    state, meta = checkpointer.restore(ckpt_lib.abstract({"server": server, "clients": clients}),
-                                       cfg.to_dict())
-    server, clients = state["server"], state["clients"]
-    start_round = int(meta["round"])
-    log.truncate_after(start_round)
-    if verbose:
-      print(f"resumed from round {start_round}")
-  elif resume:  # killed before its first checkpoint: the rows it logged are recomputed, not kept twice
-    log.truncate_after(0)
-    if verbose:
-      print("nothing to resume: starting from round 0")
-
-  # Run 1: generators train after each round's heads; they are checkpointed together with the heads
-  # (at multiples of either frequency), so a resume restores both from the same round.
-  run1 = None
-  if g.use_generator and g.generator_training_mode and not g.use_pretrained_generators:
-    run1 = generator_runs.start_run1(cfg, prepared, resume_round=start_round or None, resume=resume)
-    run1_extra = generator_runs.run1_extra(cfg, prepared, run1)
-  mode = cfg.federation.adapter_aggregation_mode
-  kd = kd_lib.make_kd(cfg, apply_fn, cfg.train.batch_size) if mode == "kd" else None
-  kd_weights = np.asarray(lay.train_count > 0, np.float32)  # teacher: every real client, uniform
-
-  # Run 2 with global_model_train: after FedAvg the server trains the global heads on the aggregated
-  # synthetic rows (+ the nodes' per-class mean features), federated/server_train.py.
-  server_step = aggregate = None
-  if pretrained is not None:
-    srows = pretrained.rows
-    indices = srows.server_indices()
-    aggregate = server_train.make_aggregate(
-        indices, srows.nodes, prepared.nodes.clipset.labels[indices], np.arange(len(indices)) < srows.count,
-        len(prepared.class_names), cfg.train.batch_size)
-    if cfg.federation.global_model_train:
-      server_step = _make_server_step(cfg, apply_fn, srows.count + srows.mean_count, place)
-
-  # Run 2: fresh synthetic rows before every round after the first (rows and labels keep their places).
-  redraw = pretrained is not None and g.synthetic_resample_each_round
-  host_features = np.array(prepared.features) if redraw else None
-
-  last = cfg.federation.global_rounds
-  rounds = range(start_round + 1, last + 1)
-  bar = tqdm(rounds, desc="rounds", unit="round", disable=not verbose)
-  round_times = []
-  for r in bar:
-    t0 = time.time()
-    if redraw and r > 1:
-      host_features[pretrained.rows.offset:] = generator_runs.redraw_synthetic(
-          cfg, pretrained.state, pretrained.scale, pretrained.counts, pretrained.length, r)
-      shared = place.replicated(shared._replace(features=host_features))
-    server, clients, m = round_fn(server, clients, data, shared)
-    m = place.host(m)
-    _check_finite(m, r, lay.num_real_clients)
-    extra_row: dict[str, Any] = {}
-    if run1 is not None:
-      run1, grow = generator_runs.train_round(cfg, run1, r)
-      extra_row.update(grow)
-    if aggregate is not None:  # the server gathers what this round's participants sent, per class
-      agg_idx, agg_count, per_class = aggregate(m["participate"])
-      per_class = np.asarray(per_class)
-      extra_row.update({"server/synthetic_samples_total": int(per_class.sum()),
-                        "server/synthetic_samples_classes": int((per_class > 0).sum())})
-    if server_step is not None:
-      server, srow = server_step(server, clients, data, m["participate"], agg_idx, agg_count, shared, r)
-      extra_row.update(srow)
-    if kd is not None:
-      gens = (run1.state, run1.scale) if run1 is not None else (pretrained.state, pretrained.scale)
-      server, krow = kd_round(cfg, kd, server, clients, gens, kd_weights, int(token_shape[0]), r, place)
-      server = place.replicated(server)
-      extra_row.update(krow)
-    round_times.append(time.time() - t0)
-    row: dict[str, Any] = {"round": r, "round_seconds": round(round_times[-1], 4)}
-    for k, v in m.items():
-      if k.endswith("_loss"):
-        for i in range(lay.num_real_clients):
-          row[f"train/node_{i}/{k}"] = float(v[i])
-    row.update(extra_row)
-    if cfg.federation.eval_gap and (r % cfg.federation.eval_gap == 0 or r == last):
-      row.update(_evaluate_round(cfg, lay, server, clients, shared, eval_nodes, eval_global,
-                                 eval_nodes_global, mode, place))
-    if outputs.wants(r):
-      out_server, out_clients, out_shared = server.params, clients.params, shared
-      if place.multi:  # every process gathers (a collective); process 0 predicts on its own devices
-        out_server, out_clients = place.host((server.params, clients.params))
-        out_shared = jax.tree.map(jnp.asarray, host_shared) if primary else None
-      if primary:
-        row.update(outputs(r, predict_fn=lambda p, idx: predict_jit(p, idx, out_shared),
-                           server_params=out_server, client_params=out_clients,
-                           node_splits=prepared.nodes.nodes, labels=prepared.nodes.clipset.labels))
-    log.append(row)
-    if sink is not None:
-      sink.log(row)
-    bar.set_postfix_str(log.short(row))
-    save = r % cfg.federation.checkpoint_frequency == 0 or r == last
-    if run1 is not None:
-      save = save or gen_ckpt.should_save(g, r, last)
-      if save and g.generator_save_checkpoint:  # generators first: a heads round implies its generators
-        gen_ckpt.save_generators(g, run1.state, r, extra=run1_extra)
-    if save:
-      checkpointer.save(r, {"server": server, "clients": clients}, cfg.to_dict())
-  bar.close()
+  report.append(outputs_stage(cfg, outputs, apply_fn, prepared, host_shared, place))
+  run1_extra = generator_runs.run1_extra(cfg, prepared, carry.run1) if carry.run1 is not None else None
+  carry, times = run_rounds(carry, Rounds(train, report, heads_saver(cfg, checkpointer, run1_extra)),
+                            start=start_round, last=cfg.federation.global_rounds, log=log, sink=sink,
+                            verbose=verbose)
   checkpointer.close()
-  extra: dict[str, Any] = {
-      "compiled_round_programs": round_fn._cache_size(),
-      "mean_round_seconds_after_first": float(np.mean(round_times[1:])) if len(round_times) > 1 else None,
-      "params_per_node": sum(counts.values())}
-  if run1 is not None:
+  extra: dict[str, Any] = {"compiled_round_programs": round_fn._cache_size(),
+                           "mean_round_seconds_after_first": mean_after_first(times),
+                           "params_per_node": sum(counts.values())}
+  if carry.run1 is not None:
     extra["generator_checkpoints"] = str(gen_ckpt.checkpoint_root(g))
   if place.multi:
     extra["processes"] = jax.process_count()
@@ -410,6 +335,187 @@ def train_and_evaluate(cfg: Config, *, resume: bool = False, verbose: bool = Tru
   if sink is not None:
     sink.finish(summary)
   return summary
+
+
+def restore_heads(checkpointer: ckpt_lib.RoundCheckpointer, carry: Carry, cfg: Config, log: RunLog,
+                  verbose: bool) -> tuple[int, Optional[dict[str, Any]]]:
+  """``--resume``: the round and ``{server, clients}`` of the latest complete checkpoint, or (0, None) when
+  there is none (a run killed before its first checkpoint: the rows it logged are recomputed, not kept twice)."""
+  if checkpointer.latest_round() is None:
+    log.truncate_after(0)
+    if verbose:
+      print("nothing to resume: starting from round 0")
+    return 0, None
+  state, meta = checkpointer.restore(ckpt_lib.abstract({"server": carry.server, "clients": carry.clients}),
+                                     cfg.to_dict())
+  start = int(meta["round"])
+  log.truncate_after(start)
+  if verbose:
+    print(f"resumed from round {start}")
+  return start, state
+
+
+# ---------------------------------------------------------------------------------------------
+# The stages of a heads run, each ``stage(carry, round) -> (carry, row entries)`` (run/rounds.py).
+
+
+def heads_stage(round_fn, data: engine.RoundData, place: distributed.Placement, num_real: int):
+  """The heads' round: local training of the sampled clients and aggregation (one jitted program)."""
+  def stage(carry: Carry, r: int):
+    server, clients, m = round_fn(carry.server, carry.clients, data, carry.shared)
+    m = place.host(m)
+    _check_finite(m, r, num_real)
+    row = {f"train/node_{i}/{k}": float(v[i]) for k, v in m.items() if k.endswith("_loss") for i in range(num_real)}
+    return dataclasses.replace(carry, server=server, clients=clients, participate=m["participate"]), row
+  return stage
+
+
+def run1_stage(cfg: Config):
+  """Run 1: the generators train after the round's heads."""
+  def stage(carry: Carry, r: int):
+    run1, row = generator_runs.train_round(cfg, carry.run1, r)
+    return dataclasses.replace(carry, run1=run1), row
+  return stage
+
+
+def redraw_stage(cfg: Config, pretrained: PretrainedGenerators, prepared: Prepared, place: distributed.Placement):
+  """Run 2: fresh synthetic rows before every round after the first (rows and labels keep their places)."""
+  host_features = np.array(prepared.features)
+  rows = pretrained.rows
+
+  def stage(carry: Carry, r: int):
+    if r == 1:
+      return carry, {}
+    host_features[rows.offset:] = generator_runs.redraw_synthetic(
+        cfg, pretrained.state, pretrained.scale, pretrained.counts, pretrained.length, r)
+    return dataclasses.replace(carry, shared=place.replicated(carry.shared._replace(features=host_features))), {}
+  return stage
+
+
+def server_stage(cfg: Config, apply_fn, pretrained: PretrainedGenerators, prepared: Prepared,
+                 data: engine.RoundData, place: distributed.Placement):
+  """Run 2's server: gathers what the round's participants sent, per class, and with ``global_model_train``
+  trains the global heads on it after FedAvg (federated/server_train.py)."""
+  srows = pretrained.rows
+  indices = srows.server_indices()
+  aggregate = server_train.make_aggregate(
+      indices, srows.nodes, prepared.nodes.clipset.labels[indices], np.arange(len(indices)) < srows.count,
+      len(prepared.class_names), cfg.train.batch_size)
+  server_step = (_make_server_step(cfg, apply_fn, srows.count + srows.mean_count, place)
+                 if cfg.federation.global_model_train else None)
+
+  def stage(carry: Carry, r: int):
+    agg_idx, agg_count, per_class = aggregate(carry.participate)
+    per_class = np.asarray(per_class)
+    row = {"server/synthetic_samples_total": int(per_class.sum()),
+           "server/synthetic_samples_classes": int((per_class > 0).sum())}
+    if server_step is None:
+      return carry, row
+    server, srow = server_step(carry.server, carry.clients, data, carry.participate, agg_idx, agg_count,
+                               carry.shared, r)
+    return dataclasses.replace(carry, server=server), {**row, **srow}
+  return stage
+
+
+def kd_stage(cfg: Config, kd: kd_lib.KD, gens: Optional[tuple[Any, Any]], weights: np.ndarray, length: int,
+             place: distributed.Placement):
+  """KD: distil the server heads from the clients on generator features (Run 1's generators of this round
+  when ``gens`` is None, else Run 2's restored ones)."""
+  def stage(carry: Carry, r: int):
+    use = gens if gens is not None else (carry.run1.state, carry.run1.scale)
+    server, row = kd_round(cfg, kd, carry.server, carry.clients, use, weights, length, r, place)
+    return dataclasses.replace(carry, server=place.replicated(server)), row
+  return stage
+
+
+def evaluate_stage(cfg: Config, lay: Layout, apply_fn, place: distributed.Placement):
+  """Every ``eval_gap`` rounds and at the last: the server model and each node on the val / test splits."""
+  evaluate = make_evaluator(apply_fn, cfg.train.batch_size)
+  programs = (jax.jit(jax.vmap(evaluate, in_axes=(0, 0, 0, None))), jax.jit(evaluate),
+              jax.jit(jax.vmap(evaluate, in_axes=(0, None, None, None))))
+  gap, last = cfg.federation.eval_gap, cfg.federation.global_rounds
+
+  def stage(carry: Carry, r: int):
+    if not gap or (r % gap and r != last):
+      return carry, {}
+    return carry, _evaluate_round(cfg, lay, carry.server, carry.clients, carry.shared, *programs,
+                                  cfg.federation.adapter_aggregation_mode, place)
+  return stage
+
+
+def outputs_stage(cfg: Config, outputs: RoundOutputs, apply_fn, prepared: Prepared, host_shared: Shared,
+                  place: distributed.Placement):
+  """Embedding checkpoints and in-training renders (render/round_outputs.py) on the rounds they are asked for.
+
+  ``shared`` is an argument of the predict program so the features are not baked into it as a constant.
+  """
+  predict_jit = jax.jit(lambda p, idx, sh: predict_rows(apply_fn, p, idx, sh, cfg.train.batch_size))
+  primary = jax.process_index() == 0
+
+  def stage(carry: Carry, r: int):
+    if not outputs.wants(r):
+      return carry, {}
+    out_server, out_clients, out_shared = carry.server.params, carry.clients.params, carry.shared
+    if place.multi:  # every process gathers (a collective); process 0 predicts on its own devices
+      out_server, out_clients = place.host((carry.server.params, carry.clients.params))
+      out_shared = jax.tree.map(jnp.asarray, host_shared) if primary else None
+    if not primary:
+      return carry, {}
+    return carry, outputs(r, predict_fn=lambda p, idx: predict_jit(p, idx, out_shared),
+                          server_params=out_server, client_params=out_clients,
+                          node_splits=prepared.nodes.nodes, labels=prepared.nodes.clipset.labels)
+  return stage
+
+
+def heads_saver(cfg: Config, checkpointer: ckpt_lib.RoundCheckpointer, run1_extra: Optional[dict]):
+  """Checkpoints of a heads run: every ``checkpoint_frequency`` rounds and the last. Run 1's generators are
+  saved with the heads (at multiples of either frequency), generators first, so a heads round implies its
+  generators and a resume restores both from the same round."""
+  g, last = cfg.generators, cfg.federation.global_rounds
+
+  def save(carry: Carry, r: int) -> None:
+    due = r % cfg.federation.checkpoint_frequency == 0 or r == last
+    if carry.run1 is not None:
+      due = due or gen_ckpt.should_save(g, r, last)
+      if due and g.generator_save_checkpoint:
+        gen_ckpt.save_generators(g, carry.run1.state, r, extra=run1_extra)
+    if due:
+      checkpointer.save(r, {"server": carry.server, "clients": carry.clients}, cfg.to_dict())
+  return save
+
+
+def generators_only(cfg: Config, prepared: Prepared, log: RunLog, *, resume: bool, verbose: bool) -> dict[str, Any]:
+  """``generator_only_mode``: rounds of generator training only (no heads, no text targets, no diffusion),
+  through the same round loop. Resumes from the latest complete generator round (the only state of such a run).
+  """
+  g = cfg.generators
+  start = (gen_ckpt.latest_round(g) or 0) if resume else 0
+  run = generator_runs.start_run1(cfg, prepared, resume_round=start or None, resume=resume)
+  if start:
+    log.truncate_after(start)
+    if verbose:
+      print(f"resumed generators from round {start} ({gen_ckpt.round_dir(g, start)})")
+  if verbose:
+    print(f"generator-only Run 1: {run.state.layout.num_slots} generator slot(s) "
+          f"({'shared' if run.state.layout.shared else 'per node'}, {g.generator_granularity}), "
+          f"{run.pool.shape[0]} train rows pooled to {tuple(run.pool.shape[1:])}; writing "
+          f"{gen_ckpt.checkpoint_root(g)}")
+  if not g.generator_save_checkpoint and verbose:
+    print("warning: generator_save_checkpoint is false: nothing of this run will be kept")
+  extra = generator_runs.run1_extra(cfg, prepared, run)
+  last = cfg.federation.global_rounds
+
+  def save(run1, r: int) -> None:
+    if gen_ckpt.should_save(g, r, last):
+      gen_ckpt.save_generators(g, run1.state, r, extra=extra)
+
+  def train(run1, r: int):
+    return generator_runs.train_round(cfg, run1, r)
+
+  run, times = run_rounds(run, Rounds([train], save=save), start=start, last=last, log=log, verbose=verbose)
+  return log.finish(cfg, extra={
+      "generator_checkpoints": str(gen_ckpt.checkpoint_root(g)), "generator_latest_round": gen_ckpt.latest_round(g),
+      "generator_slots": run.state.layout.num_slots, "mean_round_seconds_after_first": mean_after_first(times)})
 
 
 def _make_server_step(cfg: Config, apply_fn, max_rows: int, place: distributed.Placement):
