@@ -196,6 +196,9 @@ class FederationConfig:
   # A finished run directory whose heads a generate run loads (the reference's third step: heads +
   # generators, no training; see a2v_jax/run/generate.py). None = train heads as usual.
   adapter_load_checkpoint: Optional[str] = None
+  # Deployment (a2v_jax/deploy, Flower): a sampled node that does not answer a round stops the run
+  # ('stop', one line naming it; earlier rows kept) or the round aggregates the nodes that answered.
+  deployment_on_node_failure: Literal["stop", "continue"] = "stop"
 
 
 def generator_condition(g: "GeneratorConfig") -> Optional[str]:

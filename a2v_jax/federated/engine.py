@@ -88,13 +88,7 @@ def fed_a2v(cfg: Config, apply_fn: Callable, init_fn: Callable, *, steps: int,
   def round_fn(server: ServerState, clients: ClientState, data: RoundData, shared: Shared):
     chex.assert_axis_dimension(data.idx, 0, num_clients)
     chex.assert_axis_dimension(data.count, 0, num_clients)
-    rng, pick_key = jax.random.split(server.rng)
-    if m < num_clients:
-      chosen = jax.random.permutation(pick_key, num_clients)[:m]
-      participate = jnp.zeros((num_clients,), bool).at[chosen].set(True)
-    else:
-      participate = jnp.ones((num_clients,), bool)
-    participate = participate & (data.count > 0)
+    rng, participate = sample_participants(server.rng, num_clients, m, data.count)
     if mode in BROADCAST_MODES:
       global_params = aggregate.broadcast(server.params, num_clients)
       clients = clients.replace(params=aggregate.select(participate, global_params, clients.params))
@@ -113,12 +107,9 @@ def fed_a2v(cfg: Config, apply_fn: Callable, init_fn: Callable, *, steps: int,
     if scaffold:  # the paper's c += |S| / N * mean_S(c_i+ - c_i): non-participants' deltas are 0
       delta = aggregate.weighted_mean(jax.tree.map(jnp.subtract, clients.control, old_control), data.count > 0)
       control = jax.tree.map(jnp.add, control, delta)
-    weights = aggregate.client_weights(mode, data.count, participate)
-    mean = aggregate.weighted_mean(clients.params, weights)
+    mean = aggregate.weighted_mean(clients.params, aggregate.client_weights(mode, data.count, participate))
     if mode in BROADCAST_MODES:
-      pseudo_grad = jax.tree.map(lambda g, mu: g - mu, server.params, mean)
-      updates, opt_state = server_tx.update(pseudo_grad, server.opt_state, server.params)
-      params = optax.apply_updates(server.params, updates)
+      params, opt_state = server_update(server_tx, server, mean)
     else:  # local-only: no server model; keep the mean only as a reference point
       params, opt_state = mean, server.opt_state
     server = server.replace(params=params, opt_state=opt_state, round=server.round + 1, rng=rng,
@@ -127,6 +118,27 @@ def fed_a2v(cfg: Config, apply_fn: Callable, init_fn: Callable, *, steps: int,
     return server, clients, metrics
 
   return Algorithm(init=init, round=round_fn, local_train=local_train)
+
+
+def sample_participants(rng: jax.Array, num_clients: int, m: int, count: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """(the server's next key, (C,) participation): ``m`` of ``num_clients`` drawn without replacement (all
+  when ``m >= num_clients``), never a client without training rows. Shared with deployed servers
+  (``deploy/server.py``), so a deployment samples the same nodes as the simulation."""
+  rng, pick_key = jax.random.split(rng)
+  if m < num_clients:
+    chosen = jax.random.permutation(pick_key, num_clients)[:m]
+    participate = jnp.zeros((num_clients,), bool).at[chosen].set(True)
+  else:
+    participate = jnp.ones((num_clients,), bool)
+  return rng, participate & (count > 0)
+
+
+def server_update(server_tx: optax.GradientTransformation, server: ServerState, mean: Any) -> tuple[Any, Any]:
+  """(params, opt_state) after the server step on the clients' mean: its pseudo-gradient is the global
+  params minus the mean (FedAvg = sgd(1.0); FedAvgM / FedAdam otherwise)."""
+  pseudo_grad = jax.tree.map(lambda g, mu: g - mu, server.params, mean)
+  updates, opt_state = server_tx.update(pseudo_grad, server.opt_state, server.params)
+  return optax.apply_updates(server.params, updates), opt_state
 
 
 def initial_control(cfg: Config, params: Any) -> Any:

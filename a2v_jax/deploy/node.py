@@ -1,0 +1,137 @@
+"""One federated node outside the simulation: its own rows of the features, its client state, the engine's
+single-client programs.
+
+Why a program of its own: a deployed node (a Flower SuperNode at an institution) holds only its clips and
+its heads' state, and must compute exactly what the vmapped engine computes for that client, so that a
+deployment changes nothing. It therefore reuses the engine's pieces unchanged -- ``make_local_train`` (the
+single-client local program), the client optimiser, the heads -- and mirrors the engine's initialisation
+key for key. Two details keep the numbers equal: the shuffle of a local epoch draws noise over the padded
+index width, which the engine takes from the LARGEST client, so the server sends that width (``steps``) each
+round; and the node's rows are re-indexed into its local feature array without changing their order.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from a2v_jax.config import Config
+from a2v_jax.errors import A2VError
+from a2v_jax.federated import engine, optim
+from a2v_jax.federated.evaluate import make_evaluator, pad_indices
+from a2v_jax.federated.local import Shared, make_local_train
+from a2v_jax.federated.state import ClientState
+from a2v_jax.models.heads import head_functions, make_heads
+from a2v_jax.types import Params
+
+SPLITS = ("val", "test")
+# Config sections whose values must agree between a node and the server (what the heads, the data
+# partition and the local training are); output paths, logging and rendering may differ.
+AGREED_SECTIONS = ("data", "features", "text", "heads", "train", "federation")
+
+
+class DeploymentError(A2VError, RuntimeError):
+  """A deployment cannot go on: a node that disagrees with the server, a node that failed a round."""
+
+
+def agreed_config(cfg: Config) -> dict[str, Any]:
+  """The part of a config that nodes and server must share (compared key by key at start-up)."""
+  d = cfg.to_dict()
+  return {k: d[k] for k in AGREED_SECTIONS if k in d}
+
+
+@dataclasses.dataclass
+class NodeProgram:
+  """Node ``node_id`` of the partition ``cfg`` describes: its rows, its heads' programs."""
+  cfg: Config
+  node_id: int
+  num_nodes: int
+  shared: Shared                  # the node's own rows only: features (n, T, D), labels (n,), targets
+  train_rows: np.ndarray          # local row indices
+  split_rows: dict[str, np.ndarray]
+  class_names: tuple[str, ...]
+  apply_fn: Any
+  init_fn: Any
+
+  @classmethod
+  def build(cls, cfg: Config, node_id: int, prepared: Optional[Any] = None, verbose: bool = False) -> "NodeProgram":
+    """The node's rows of ``prepared`` (the trainer's ``Prepared``; built from ``cfg`` when None: the same
+    dataset, partition and feature cache as ``experiments.run``)."""
+    if prepared is None:
+      from a2v_jax.run.trainer import prepare
+      prepared = prepare(cfg, verbose=verbose)
+    nodes = prepared.nodes.nodes
+    if not 0 <= node_id < len(nodes):
+      raise DeploymentError(f"node id {node_id} is outside the partition's {len(nodes)} node(s) (0..{len(nodes) - 1})")
+    own = nodes[node_id]
+    parts = {k: np.asarray(own[k], np.int64) for k in ("train",) + SPLITS}
+    rows = np.concatenate(list(parts.values()))
+    local, start = {}, 0
+    for k, v in parts.items():
+      local[k] = np.arange(start, start + len(v), dtype=np.int32)
+      start += len(v)
+    feats = np.asarray(prepared.features[rows], np.float32)
+    shared = Shared(jnp.asarray(feats), jnp.asarray(prepared.nodes.clipset.labels[rows]),
+                    {b: jnp.asarray(t) for b, t in prepared.targets.items()})
+    heads = make_heads(cfg, {b: t.shape[1:] for b, t in prepared.targets.items()})
+    apply_fn, init_fn = head_functions(heads, feats.shape[1:])
+    return cls(cfg, node_id, len(nodes), shared, local["train"], {k: local[k] for k in SPLITS},
+               prepared.class_names, apply_fn, init_fn)
+
+  def describe(self) -> dict[str, Any]:
+    """What the server checks and needs at start-up (the query reply)."""
+    return {"node_id": self.node_id, "num_nodes": self.num_nodes, "train_count": int(len(self.train_rows)),
+            **{f"{k}_count": int(len(v)) for k, v in self.split_rows.items()},
+            "token_shape": [int(v) for v in self.shared.features.shape[1:]],
+            "target_shapes": {b: [int(v) for v in t.shape[1:]] for b, t in self.shared.targets.items()},
+            "class_names": list(self.class_names), "config": agreed_config(self.cfg)}
+
+  def init_state(self) -> ClientState:
+    """This node's client state exactly as ``engine.fed_a2v(...).init`` makes it for client ``node_id``."""
+    _, clients_key, _ = jax.random.split(jax.random.PRNGKey(self.cfg.experiment.seed), 3)
+    key = jax.random.split(clients_key, self.num_nodes)[self.node_id]
+    params = self.init_fn(key)
+    return ClientState(params=params, opt_state=optim.client_optimizer(self.cfg).init(params),
+                       rng=jax.random.fold_in(key, 1), control=engine.initial_control(self.cfg, params))
+
+  def _local_train(self, steps: int):
+    cache = self.__dict__.setdefault("_programs", {})
+    if steps not in cache:
+      tx = optim.client_optimizer(self.cfg)
+      cache[steps] = jax.jit(make_local_train(self.cfg, self.apply_fn, tx, self.cfg.train.batch_size, steps))
+    return cache[steps]
+
+  def train(self, state: ClientState, global_params: Params, server_round: int, steps: int
+            ) -> tuple[ClientState, dict[str, float]]:
+    """One round of local training from the global heads (the engine's round for this client).
+
+    ``server_round``: the server's round counter before this round (0 first), ``steps``: the federation's
+    local steps per epoch (from its largest node).
+    """
+    width = steps * self.cfg.train.batch_size
+    if len(self.train_rows) > width:
+      raise DeploymentError(f"node {self.node_id} holds {len(self.train_rows)} train rows, more than the "
+                            f"{width} the server's steps={steps} cover")
+    idx = np.zeros((width,), np.int32)
+    idx[:len(self.train_rows)] = self.train_rows
+    state = state.replace(params=global_params)
+    epoch0 = jnp.asarray(server_round * self.cfg.train.local_epochs, jnp.int32)
+    state, metrics = self._local_train(steps)(state, jnp.asarray(idx), jnp.asarray(len(self.train_rows), jnp.int32),
+                                              epoch0, self.shared, None)
+    return state, {k: float(v) for k, v in jax.device_get(metrics).items()}
+
+  def evaluate(self, params: Params, split: str) -> tuple[dict[str, float], int]:
+    """Metrics of ``params`` on this node's ``split`` (row means) and the row count they are means over."""
+    rows = self.split_rows[split]
+    if len(rows) == 0:
+      return {}, 0
+    cache = self.__dict__.setdefault("_evaluate", {})
+    if "fn" not in cache:
+      cache["fn"] = jax.jit(make_evaluator(self.apply_fn, self.cfg.train.batch_size))
+    idx, count = pad_indices(rows, self.cfg.train.batch_size)
+    out = cache["fn"](params, jnp.asarray(idx), jnp.asarray(count, jnp.int32), self.shared)
+    return {k: float(v) for k, v in jax.device_get(out).items()}, count

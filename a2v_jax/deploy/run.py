@@ -1,0 +1,111 @@
+"""A deployment's run: the server program driven through a transport, logged like ``experiments.run``.
+
+The transport is what carries the heads between the server and the nodes: ``LocalTransport`` calls
+``NodeProgram`` objects in this process (the reference for tests), ``deploy/flower_app.py`` sends Flower
+messages to ClientApps on SuperNodes. Both go through :func:`run_deployment`, which runs the rounds in the
+trainer's round loop (``run/rounds.py``) and writes the same run directory (metrics.jsonl / csv, plot,
+summary.json, config.json) as ``experiments.run``.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Mapping, Optional, Protocol, Sequence
+
+import jax
+
+from a2v_jax import checkpoint as ckpt_lib
+from a2v_jax.config import Config
+from a2v_jax.deploy.node import SPLITS, DeploymentError, NodeProgram
+from a2v_jax.deploy.server import ServerProgram, wants_eval
+from a2v_jax.run.log import RunLog, run_dir_for
+from a2v_jax.run.rounds import Rounds, mean_after_first, run_rounds
+from a2v_jax.types import Params
+
+# evaluate replies: {node: {split: ((metrics of the global heads, rows), (metrics of the node's heads, rows))}}
+EvalReplies = Mapping[int, Mapping[str, tuple[tuple[dict, int], tuple[dict, int]]]]
+
+
+class Transport(Protocol):
+  """How the server reaches the nodes (each call returns what the nodes that answered replied)."""
+
+  def describe(self) -> list[dict[str, Any]]: ...
+
+  def train(self, nodes: Sequence[int], params: Params, config: Mapping[str, int]
+            ) -> dict[int, tuple[Params, dict[str, float]]]: ...
+
+  def evaluate(self, params: Params) -> EvalReplies: ...
+
+
+class LocalTransport:
+  """Every node in this process (each with its own client state): the deployment without a network."""
+
+  def __init__(self, nodes: Sequence[NodeProgram]):
+    self.nodes = {n.node_id: n for n in nodes}
+    self.states = {i: n.init_state() for i, n in self.nodes.items()}
+
+  def describe(self) -> list[dict[str, Any]]:
+    return [n.describe() for n in self.nodes.values()]
+
+  def train(self, nodes, params, config):
+    out = {}
+    for i in nodes:
+      self.states[i], metrics = self.nodes[i].train(self.states[i], params, config["server_round"], config["steps"])
+      out[i] = (self.states[i].params, metrics)
+    return out
+
+  def evaluate(self, params):
+    return {i: {s: (n.evaluate(params, s), n.evaluate(self.states[i].params, s)) for s in SPLITS}
+            for i, n in self.nodes.items()}
+
+
+def run_deployment(cfg: Config, transport: Transport, *, verbose: bool = True,
+                   on_node_failure: Optional[str] = None) -> dict[str, Any]:
+  """The server side of a deployed run; returns the summary (the run directory's summary.json).
+
+  A sampled node that does not answer a round: with ``federation.deployment_on_node_failure`` 'continue'
+  the round aggregates the nodes that answered (the missing node is logged as not trained); with 'stop' the
+  run ends with one line naming the node and round. Rows written before are kept either way.
+
+  Raises:
+    DeploymentError: nodes that disagree with this config, a missing node with 'stop'.
+  """
+  policy = on_node_failure or cfg.federation.deployment_on_node_failure
+  program = ServerProgram(cfg, transport.describe())  # every start-up problem before the run directory
+  run_dir = run_dir_for(cfg)
+  log = RunLog(run_dir, resume=False, verbose=verbose)
+  ckpt_lib.write_json_atomic(run_dir / "config.json", cfg.to_dict())
+  if verbose:
+    print(f"deployment: {program.num_nodes} node(s), {program.participants} sampled per round, "
+          f"{program.steps} local steps/epoch; run directory {run_dir}")
+  missing: list[dict[str, int]] = []
+
+  def train(carry, r: int):
+    participate = program.sample()
+    chosen = [i for i in range(program.num_nodes) if participate[i]]
+    replies = transport.train(chosen, program.params, program.round_config())
+    lost = [i for i in chosen if i not in replies]
+    if lost and policy == "stop":
+      raise DeploymentError(f"node(s) {lost} did not answer round {r}; stopping (deployment_on_node_failure="
+                            f"'stop'; rounds 1..{r - 1} are in {run_dir / 'metrics.jsonl'})")
+    missing.extend({"round": r, "node": i} for i in lost)
+    program.aggregate({i: p for i, (p, _) in replies.items()}, participate)
+    row = program.train_row({i: m for i, (_, m) in replies.items()})
+    if lost:
+      row["server/nodes_missing"] = len(lost)
+    return carry, row
+
+  def evaluate(carry, r: int):
+    if not wants_eval(cfg, r):
+      return carry, {}
+    replies = transport.evaluate(program.params)
+    return carry, program.eval_row({i: {s: v[s][0] for s in v} for i, v in replies.items()},
+                                   {i: {s: v[s][1] for s in v} for i, v in replies.items()})
+
+  t0 = time.time()
+  _, times = run_rounds(None, Rounds([train], [evaluate]), start=0, last=cfg.federation.global_rounds, log=log,
+                        verbose=verbose)
+  return log.finish(cfg, extra={"deployment": True, "nodes": program.num_nodes,
+                                "mean_round_seconds_after_first": mean_after_first(times),
+                                "rounds_per_second": cfg.federation.global_rounds / max(time.time() - t0, 1e-9),
+                                "nodes_missing": missing, "devices": str(jax.devices()[0].platform)})
