@@ -1,0 +1,298 @@
+"""Flower's ClientApp and ServerApp over the deployment programs (the optional extra ``[flower]``).
+
+A thin adapter: the ClientApp owns one node (``NodeProgram``: that node's rows of the same dataset,
+partition and feature cache as ``experiments.run``) and answers three message types -- ``query`` (its
+description, checked by the server), ``train`` (the engine's local program from the global heads) and
+``evaluate`` (the global and its own heads on its val / test rows); the ServerApp runs
+``run_deployment`` with :class:`FlowerTransport`, so sampling, aggregation, the server step and the run
+directory are the simulation's own. The same config file drives both: the run config names it
+(``config``, plus ``set``: ``key=value`` overrides separated by ``;``) and each SuperNode's node config
+names its node (``partition-id``).
+
+Between rounds a node's client state (AdamW moments, its key) lives in Flower's ``Context.state``, so it
+survives however the SuperNode runs its ClientApp.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from typing import Any, Callable, Iterable, Mapping, Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import traverse_util
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+from flwr.serverapp import Grid, ServerApp
+
+from a2v_jax.config import Config
+from a2v_jax.deploy.node import SPLITS, DeploymentError, NodeProgram
+from a2v_jax.deploy.run import EvalReplies, run_deployment
+from a2v_jax.errors import A2VError
+from a2v_jax.types import Params
+
+STATE_KEY = "a2v_client_state"
+# How long the server waits for every node to connect, and for a round's replies.
+CONNECT_TIMEOUT_S = 600.0
+REPLY_TIMEOUT_S = 3600.0
+
+
+def load_run_config(run_config: Mapping[str, Any]) -> Config:
+  """The experiment config a Flower run config names (``config`` path, optional ``set`` overrides)."""
+  from a2v_jax.reference.config import load_config
+  if "config" not in run_config:
+    raise DeploymentError("the Flower run config has no 'config' entry naming the experiment config file "
+                          "(flwr run --run-config \"config='experiments/configs/x.json'\")")
+  overrides = [s.strip() for s in str(run_config.get("set", "")).split(";") if s.strip()]
+  return load_config(str(run_config["config"]), overrides)
+
+
+def params_record(params: Params) -> ArrayRecord:
+  return ArrayRecord(array_dict={k: Array.from_numpy_ndarray(np.asarray(v))
+                                 for k, v in traverse_util.flatten_dict(params, sep="/").items()})
+
+
+def record_params(record: ArrayRecord) -> Params:
+  return traverse_util.unflatten_dict({k: jnp.asarray(v.numpy()) for k, v in record.items()}, sep="/")
+
+
+def _state_record(state: Any) -> ArrayRecord:
+  return ArrayRecord(array_dict={f"{i:05d}": Array.from_numpy_ndarray(np.asarray(x))
+                                 for i, x in enumerate(jax.tree.leaves(state))})
+
+
+# ---------------------------------------------------------------------------------------------
+# The node's side.
+
+
+def make_client_app(prepare: Optional[Callable[[Config], Any]] = None) -> ClientApp:
+  """The ClientApp; ``prepare(cfg)`` gives the trainer's ``Prepared`` (tests pass synthetic data), else the
+  node prepares from the config like ``experiments.run``."""
+  app = ClientApp()
+  programs: dict[tuple, tuple[NodeProgram, Any]] = {}  # per process: features and compiled programs kept
+
+  def node(context: Context) -> tuple[NodeProgram, Any]:
+    if "partition-id" not in context.node_config:
+      raise DeploymentError("this SuperNode's node config has no 'partition-id' (start it with "
+                            "--node-config \"partition-id=0\")")
+    key = (str(context.run_config.get("config")), str(context.run_config.get("set", "")),
+           int(context.node_config["partition-id"]))
+    if key not in programs:
+      cfg = load_run_config(context.run_config)
+      program = NodeProgram.build(cfg, key[2], prepare(cfg) if prepare else None)
+      programs[key] = (program, jax.tree.structure(program.init_state()))
+    return programs[key]
+
+  def client_state(context: Context, program: NodeProgram, treedef: Any) -> Any:
+    if STATE_KEY not in context.state:
+      return program.init_state()
+    record = context.state[STATE_KEY]
+    return jax.tree.unflatten(treedef, [jnp.asarray(record[k].numpy()) for k in sorted(record)])
+
+  @app.query()
+  def query(msg: Message, context: Context) -> Message:
+    program, _ = node(context)
+    return Message(RecordDict({"node": ConfigRecord({"describe": json.dumps(program.describe())})}), reply_to=msg)
+
+  @app.train()
+  def train(msg: Message, context: Context) -> Message:
+    program, treedef = node(context)
+    config = msg.content["config"]
+    state, metrics = program.train(client_state(context, program, treedef), record_params(msg.content["arrays"]),
+                                   int(config["server_round"]), int(config["steps"]))
+    context.state[STATE_KEY] = _state_record(state)
+    metrics["num-examples"] = len(program.train_rows)
+    return Message(RecordDict({"arrays": params_record(state.params), "metrics": MetricRecord(metrics)}),
+                   reply_to=msg)
+
+  @app.evaluate()
+  def evaluate(msg: Message, context: Context) -> Message:
+    program, treedef = node(context)
+    own = client_state(context, program, treedef).params
+    out: dict[str, float] = {}
+    for role, params in (("server", record_params(msg.content["arrays"])), ("node", own)):
+      for split in SPLITS:
+        metrics, rows = program.evaluate(params, split)
+        out[f"{role}/{split}/rows"] = rows
+        out.update({f"{role}/{split}/{k}": v for k, v in metrics.items()})
+    return Message(RecordDict({"metrics": MetricRecord(out)}), reply_to=msg)
+
+  return app
+
+
+# ---------------------------------------------------------------------------------------------
+# The server's side.
+
+
+def _ok(replies: Iterable[Message], what: str, strict: bool) -> list[Message]:
+  good = []
+  for r in replies:
+    if r.has_error():
+      if strict:
+        raise DeploymentError(f"node {r.metadata.src_node_id} failed the {what}: {r.error.reason}")
+      print(f"server: node {r.metadata.src_node_id} failed the {what}: {r.error.reason}", file=sys.stderr)
+      continue
+    good.append(r)
+  return good
+
+
+class FlowerTransport:
+  """``deploy.run.Transport`` over a Flower ``Grid``: our node ids <-> Flower's node ids, records <-> arrays."""
+
+  def __init__(self, grid: Grid, cfg: Config, *, connect_timeout_s: float = CONNECT_TIMEOUT_S,
+               reply_timeout_s: float = REPLY_TIMEOUT_S):
+    self.grid, self.cfg = grid, cfg
+    self.connect_timeout_s, self.reply_timeout_s = connect_timeout_s, reply_timeout_s
+    self.flower_id: dict[int, int] = {}
+    self.round = 0
+
+  def _send(self, node_ids: Sequence[int], kind: str, content: Callable[[], RecordDict]) -> list[Message]:
+    msgs = [Message(content(), dst_node_id=i, message_type=kind, group_id=str(self.round)) for i in node_ids]
+    return list(self.grid.send_and_receive(msgs, timeout=self.reply_timeout_s))
+
+  def describe(self) -> list[dict[str, Any]]:
+    want = self.cfg.data.num_nodes
+    deadline = time.time() + self.connect_timeout_s
+    while len(ids := list(self.grid.get_node_ids())) < want:
+      if time.time() > deadline:
+        raise DeploymentError(f"{len(ids)} of {want} node(s) connected within {self.connect_timeout_s:.0f} s")
+      time.sleep(0.5)
+    replies = _ok(self._send(ids, "query", RecordDict), "start-up query", strict=True)
+    out = []
+    for r in replies:
+      d = json.loads(r.content["node"]["describe"])
+      if d["node_id"] in self.flower_id:
+        raise DeploymentError(f"two SuperNodes ({self.flower_id[d['node_id']]} and {r.metadata.src_node_id}) "
+                              f"hold partition-id {d['node_id']}")
+      self.flower_id[d["node_id"]] = r.metadata.src_node_id
+      out.append(d)
+    return out
+
+  def _node(self, reply: Message) -> int:
+    return next(i for i, f in self.flower_id.items() if f == reply.metadata.src_node_id)
+
+  def train(self, nodes, params, config):
+    self.round += 1
+    arrays = params_record(params)
+    replies = _ok(self._send([self.flower_id[i] for i in nodes], "train",
+                             lambda: RecordDict({"arrays": arrays, "config": ConfigRecord(dict(config))})),
+                  f"round {self.round}", strict=False)
+    out = {}
+    for r in replies:
+      metrics = {k: float(v) for k, v in r.content["metrics"].items() if k != "num-examples"}
+      out[self._node(r)] = (record_params(r.content["arrays"]), metrics)
+    return out
+
+  def evaluate(self, params) -> EvalReplies:
+    arrays = params_record(params)
+    replies = _ok(self._send(list(self.flower_id.values()), "evaluate", lambda: RecordDict({"arrays": arrays})),
+                  f"evaluation of round {self.round}", strict=False)
+    out = {}
+    for r in replies:
+      m = dict(r.content["metrics"])
+      out[self._node(r)] = {
+          s: tuple((
+              {k.split("/", 2)[2]: float(v) for k, v in m.items()
+               if k.startswith(f"{role}/{s}/") and not k.endswith("/rows")}, int(m[f"{role}/{s}/rows"]))
+              for role in ("server", "node")) for s in SPLITS}
+    return out
+
+
+def make_server_app(verbose: bool = True) -> ServerApp:
+  """The ServerApp: ``run_deployment`` over the grid; a project error ends it with one line."""
+  app = ServerApp()
+
+  @app.main()
+  def main(grid: Grid, context: Context) -> None:
+    try:
+      cfg = load_run_config(context.run_config)
+      run_deployment(cfg, FlowerTransport(grid, cfg), verbose=verbose)
+    except A2VError as e:
+      print(f"error: {e}", file=sys.stderr)
+      raise SystemExit(2) from None
+
+  return app
+
+
+# What Flower loads (pyproject's [tool.flwr.app.components]).
+client_app = make_client_app()
+server_app = make_server_app()
+
+
+# ---------------------------------------------------------------------------------------------
+# Flower's messages and apps in one process, without a network or the Ray simulation backend.
+
+
+class InProcessGrid(Grid):
+  """A Grid whose nodes are a ClientApp in this process, one Context (its state) per node.
+
+  Why: the same ServerApp and ClientApp code as a deployment, message for message, for tests and quick
+  checks, without Flower's simulation engine (which needs Ray). Node ids are Flower-like large ints, not
+  the partition ids, so the id mapping is exercised.
+  """
+
+  def __init__(self, client_app: ClientApp, num_nodes: int, run_config: Mapping[str, Any],
+               drop: Optional[Callable[[Message], bool]] = None):
+    self.client_app = client_app
+    self.drop = drop or (lambda m: False)
+    self.contexts = {7919 * (i + 1): Context(run_id=1, node_id=7919 * (i + 1),
+                                             node_config={"partition-id": i, "num-partitions": num_nodes},
+                                             state=RecordDict(), run_config=dict(run_config))
+                     for i in range(num_nodes)}
+    self._replies: dict[str, Message] = {}
+
+  def set_run(self, run: Any) -> None:
+    self._run = run
+
+  @property
+  def run(self) -> Any:
+    return getattr(self, "_run", None)
+
+  def create_message(self, content: RecordDict, message_type: str, dst_node_id: int, group_id: str,
+                     ttl: Optional[float] = None) -> Message:
+    return Message(content, dst_node_id=dst_node_id, message_type=message_type, group_id=group_id, ttl=ttl)
+
+  def get_node_ids(self) -> Iterable[int]:
+    return list(self.contexts)
+
+  def _deliver(self, msg: Message) -> Optional[Message]:
+    if self.drop(msg):
+      return None
+    try:
+      return self.client_app(msg, self.contexts[msg.metadata.dst_node_id])
+    except Exception as e:  # a ClientApp exception reaches the server as an error reply, as in Flower
+      return Message(Error(code=1, reason=f"{type(e).__name__}: {e}"), reply_to=msg)
+
+  def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
+    ids = []
+    for m in messages:
+      reply = self._deliver(m)
+      ids.append(str(len(self._replies)))
+      if reply is not None:
+        self._replies[ids[-1]] = reply
+    return ids
+
+  def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
+    return [self._replies.pop(i) for i in message_ids if i in self._replies]
+
+  def send_and_receive(self, messages: Iterable[Message], *, timeout: Optional[float] = None) -> Iterable[Message]:
+    return self.pull_messages(list(self.push_messages(messages)))
+
+
+def run_in_process(run_config: Mapping[str, Any], num_nodes: int, *, client: Optional[ClientApp] = None,
+                   server: Optional[ServerApp] = None, drop: Optional[Callable[[Message], bool]] = None) -> None:
+  """The ServerApp and ``num_nodes`` ClientApps of one run, exchanging Flower messages in this process."""
+  from flwr.common.constant import SUPERLINK_NODE_ID
+  from flwr.supercore.task_identity import TaskIdentity
+  grid = InProcessGrid(client or client_app, num_nodes, run_config, drop)
+  saved = (TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id)
+  # what Flower's ServerApp process sets before its messages are made (they carry these ids)
+  TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, SUPERLINK_NODE_ID, 1
+  try:
+    (server or server_app)(grid, Context(run_id=1, node_id=SUPERLINK_NODE_ID, node_config={}, state=RecordDict(),
+                                         run_config=dict(run_config)))
+  finally:
+    TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = saved

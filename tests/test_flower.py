@@ -1,0 +1,79 @@
+"""The Flower ClientApp / ServerApp (a2v_jax/deploy/flower_app.py), message for message in one process: the
+same server metrics as the vmapped engine, a lost node, a node that fails at start-up."""
+
+import json
+
+import pytest
+
+from a2v_jax.deploy import flower_app
+from a2v_jax.reference.config import load_config
+from a2v_jax.run.trainer import train_and_evaluate
+from tests.fakes import synthetic_prepared
+
+CONFIG = "experiments/configs/fsdd_tiny.json"  # the same config file drives the server, the nodes and the engine
+SETTINGS = ["local_epochs=2", "batch_size=4", "clip_adapter_hidden=[8]", "t5_adapter_hidden=[8]", "map_heads=2",
+            "num_nodes=3", "global_rounds=3", "join_ratio=0.67", 'adapter_aggregation_mode="weighted"',
+            "server_momentum=0.5", "seed=2"]  # seed 2: the sample changes between rounds
+
+
+def _rows(run_dir):
+  return [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def prep():
+  return synthetic_prepared()
+
+
+def _run_config(tmp_path, name, *extra):
+  return {"config": CONFIG, "set": ";".join(SETTINGS + [f'output_dir="{tmp_path}"', f'name="{name}"', *extra])}
+
+
+def test_flower_rounds_equal_the_vmapped_engine(tmp_path, prep):
+  rc = _run_config(tmp_path, "flower")
+  train_and_evaluate(load_config(CONFIG, rc["set"].split(";")[:-1] + ['name="sim"']), verbose=False, prepared=prep)
+  flower_app.run_in_process(rc, 3, client=flower_app.make_client_app(lambda cfg: prep),
+                            server=flower_app.make_server_app(verbose=False))
+  want, got = _rows(tmp_path / "sim"), _rows(tmp_path / "flower")
+  assert len(got) == len(want) == 3
+  for w, g in zip(want, got):
+    keys = {k for k in w if k.startswith(("train/", "test/"))}
+    assert keys == {k for k in g if k.startswith(("train/", "test/"))}
+    for k in keys:
+      assert g[k] == pytest.approx(w[k], rel=1e-4, abs=1e-6), (w["round"], k)
+  summary = json.loads((tmp_path / "flower" / "summary.json").read_text())
+  assert summary["deployment"] and summary["nodes"] == 3
+
+
+def test_a_node_lost_in_round_2_leaves_the_rest_to_finish(tmp_path, prep):
+  rc = _run_config(tmp_path, "lost", "join_ratio=1.0", 'deployment_on_node_failure="continue"')
+  lost = {}
+
+  def drop(msg):  # the SuperNode of partition 1 goes away after round 1
+    node = msg.metadata.dst_node_id
+    if msg.metadata.message_type == "train" and msg.metadata.group_id == "2":
+      lost.setdefault("node", node)
+    return node == lost.get("node")
+
+  flower_app.run_in_process(rc, 3, client=flower_app.make_client_app(lambda cfg: prep),
+                            server=flower_app.make_server_app(verbose=False), drop=drop)
+  rows = _rows(tmp_path / "lost")
+  assert [r["round"] for r in rows] == [1, 2, 3]
+  gone = [i for i in range(3) if rows[2][f"train/node_{i}/clip_loss"] == 0.0]
+  assert len(gone) == 1 and rows[1]["server/nodes_missing"] == 1
+  assert all(rows[0][f"train/node_{i}/clip_loss"] > 0 for i in range(3))
+
+
+def test_a_node_that_fails_at_start_up_ends_the_server_with_one_line(tmp_path, prep, capsys):
+  rc = _run_config(tmp_path, "bad")
+
+  def prepare(cfg):
+    raise FileNotFoundError("/data/vegas/audio: no such directory")
+
+  with pytest.raises(SystemExit) as e:
+    flower_app.run_in_process(rc, 3, client=flower_app.make_client_app(prepare),
+                              server=flower_app.make_server_app(verbose=False))
+  assert e.value.code == 2
+  err = capsys.readouterr().err.strip().splitlines()
+  assert len(err) == 1 and "failed the start-up query" in err[0] and "/data/vegas/audio" in err[0]
+  assert not (tmp_path / "bad").exists()
