@@ -35,7 +35,8 @@ from a2v_jax.errors import A2VError
 from a2v_jax.types import Params
 
 STATE_KEY = "a2v_client_state"
-# How long the server waits for every node to connect, and for a round's replies.
+# How long the server waits for every node to connect, and for a round's replies (run config entries
+# connect-timeout-s / reply-timeout-s): a node silent past the reply timeout is a lost node.
 CONNECT_TIMEOUT_S = 600.0
 REPLY_TIMEOUT_S = 3600.0
 
@@ -209,7 +210,10 @@ def make_server_app(verbose: bool = True) -> ServerApp:
   def main(grid: Grid, context: Context) -> None:
     try:
       cfg = load_run_config(context.run_config)
-      run_deployment(cfg, FlowerTransport(grid, cfg), verbose=verbose)
+      rc = context.run_config
+      transport = FlowerTransport(grid, cfg, connect_timeout_s=float(rc.get("connect-timeout-s", CONNECT_TIMEOUT_S)),
+                                  reply_timeout_s=float(rc.get("reply-timeout-s", REPLY_TIMEOUT_S)))
+      run_deployment(cfg, transport, verbose=verbose)
     except A2VError as e:
       print(f"error: {e}", file=sys.stderr)
       raise SystemExit(2) from None
