@@ -56,6 +56,7 @@ class NodeProgram:
   class_names: tuple[str, ...]
   apply_fn: Any
   init_fn: Any
+  _programs: dict = dataclasses.field(default_factory=dict, repr=False)  # compiled programs, by kind and steps
 
   @classmethod
   def build(cls, cfg: Config, node_id: int, prepared: Optional[Any] = None, verbose: bool = False) -> "NodeProgram":
@@ -99,11 +100,11 @@ class NodeProgram:
                        rng=jax.random.fold_in(key, 1), control=engine.initial_control(self.cfg, params))
 
   def _local_train(self, steps: int):
-    cache = self.__dict__.setdefault("_programs", {})
-    if steps not in cache:
+    if ("train", steps) not in self._programs:
       tx = optim.client_optimizer(self.cfg)
-      cache[steps] = jax.jit(make_local_train(self.cfg, self.apply_fn, tx, self.cfg.train.batch_size, steps))
-    return cache[steps]
+      self._programs["train", steps] = jax.jit(
+          make_local_train(self.cfg, self.apply_fn, tx, self.cfg.train.batch_size, steps))
+    return self._programs["train", steps]
 
   def train(self, state: ClientState, global_params: Params, server_round: int, steps: int
             ) -> tuple[ClientState, dict[str, float]]:
@@ -129,9 +130,8 @@ class NodeProgram:
     rows = self.split_rows[split]
     if len(rows) == 0:
       return {}, 0
-    cache = self.__dict__.setdefault("_evaluate", {})
-    if "fn" not in cache:
-      cache["fn"] = jax.jit(make_evaluator(self.apply_fn, self.cfg.train.batch_size))
+    if "evaluate" not in self._programs:
+      self._programs["evaluate"] = jax.jit(make_evaluator(self.apply_fn, self.cfg.train.batch_size))
     idx, count = pad_indices(rows, self.cfg.train.batch_size)
-    out = cache["fn"](params, jnp.asarray(idx), jnp.asarray(count, jnp.int32), self.shared)
+    out = self._programs["evaluate"](params, jnp.asarray(idx), jnp.asarray(count, jnp.int32), self.shared)
     return {k: float(v) for k, v in jax.device_get(out).items()}, count
