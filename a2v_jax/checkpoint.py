@@ -80,8 +80,9 @@ def _flat_config(d: dict, prefix: str = "") -> dict[str, Any]:
   return out
 
 
-def config_differences(saved: dict, current: dict) -> list[str]:
-  """Human-readable differences between two resolved configs, ignoring resumable keys."""
+def config_differences(saved: dict, current: dict, labels: tuple[str, str] = ("checkpoint", "config")) -> list[str]:
+  """Human-readable differences between two resolved configs, ignoring resumable keys; ``labels`` name the two
+  sides in each line."""
   a, b = _flat_config(saved), _flat_config(current)
   diffs = []
   for key in sorted(set(a) | set(b)):
@@ -93,7 +94,7 @@ def config_differences(saved: dict, current: dict) -> list[str]:
     if isinstance(vb, list):
       vb = tuple(vb)
     if va != vb:
-      diffs.append(f"{key}: checkpoint {va!r} != config {vb!r}")
+      diffs.append(f"{key}: {labels[0]} {va!r} != {labels[1]} {vb!r}")
   return diffs
 
 

@@ -59,7 +59,7 @@ def test_a_node_with_another_config_is_refused_naming_the_difference(tmp_path, p
   cfg = _cfg(tmp_path, "s")
   nodes = [n.describe() for n in _nodes(cfg, prep)]
   other = NodeProgram.build(_cfg(tmp_path, "s", "clip_adapter_hidden=[16]"), 1, prep).describe()
-  with pytest.raises(DeploymentError, match=r"node 1: .*clip_adapter_hidden"):
+  with pytest.raises(DeploymentError, match=r"node 1: heads.clip_adapter_hidden: node \(16,\) != server \(8,\)"):
     ServerProgram(cfg, [nodes[0], other, nodes[2]])
   with pytest.raises(DeploymentError, match=r"expects nodes 0\.\.2.*\[0, 2\]"):
     ServerProgram(cfg, [nodes[0], nodes[2]])

@@ -59,8 +59,7 @@ def check_nodes(cfg: Config, descriptions: Sequence[Mapping[str, Any]]) -> None:
   first = descriptions[0]
   for d in sorted(descriptions, key=lambda d: int(d["node_id"])):
     n = d["node_id"]
-    diffs = ckpt_lib.config_differences(d["config"], mine)
-    problems += [f"node {n}: {x} (node vs server)" for x in diffs]
+    problems += [f"node {n}: {x}" for x in ckpt_lib.config_differences(d["config"], mine, ("node", "server"))]
     for k in ("token_shape", "target_shapes", "class_names", "num_nodes"):
       if d[k] != first[k]:
         problems.append(f"node {n}: {k} {d[k]} vs node {first['node_id']}'s {first[k]}")
