@@ -15,6 +15,7 @@ survives however the SuperNode runs its ClientApp.
 
 from __future__ import annotations
 
+import itertools
 import json
 import sys
 import time
@@ -84,7 +85,7 @@ def make_client_app(prepare: Optional[Callable[[Config], Any]] = None) -> Client
     if key not in programs:
       cfg = load_run_config(context.run_config)
       program = NodeProgram.build(cfg, key[2], prepare(cfg) if prepare else None)
-      programs[key] = (program, jax.tree.structure(program.init_state()))
+      programs[key] = (program, jax.tree.structure(jax.eval_shape(program.init_state)))  # (shapes only)
     return programs[key]
 
   def client_state(context: Context, program: NodeProgram, treedef: Any) -> Any:
@@ -140,6 +141,15 @@ def _ok(replies: Iterable[Message], what: str, strict: bool) -> list[Message]:
   return good
 
 
+def _metrics_of(reply: Message, role: str, split: str) -> tuple[dict[str, float], int]:
+  """(metrics, rows) of one model (``role``: server / node) on one split, from an evaluate reply's
+  ``{role}/{split}/{metric}`` entries."""
+  prefix = f"{role}/{split}/"
+  m = reply.content["metrics"]
+  return ({k[len(prefix):]: float(v) for k, v in m.items() if k.startswith(prefix) and k != prefix + "rows"},
+          int(m[prefix + "rows"]))
+
+
 class FlowerTransport:
   """``deploy.run.Transport`` over a Flower ``Grid``: our node ids <-> Flower's node ids, records <-> arrays."""
 
@@ -148,6 +158,7 @@ class FlowerTransport:
     self.grid, self.cfg = grid, cfg
     self.connect_timeout_s, self.reply_timeout_s = connect_timeout_s, reply_timeout_s
     self.flower_id: dict[int, int] = {}
+    self.node_of: dict[int, int] = {}  # Flower node id -> partition id
     self.round = 0
 
   def _send(self, node_ids: Sequence[int], kind: str, content: Callable[[], RecordDict]) -> list[Message]:
@@ -170,10 +181,11 @@ class FlowerTransport:
                               f"hold partition-id {d['node_id']}")
       self.flower_id[d["node_id"]] = r.metadata.src_node_id
       out.append(d)
+    self.node_of = {f: i for i, f in self.flower_id.items()}
     return out
 
   def _node(self, reply: Message) -> int:
-    return next(i for i, f in self.flower_id.items() if f == reply.metadata.src_node_id)
+    return self.node_of[reply.metadata.src_node_id]
 
   def train(self, nodes, params, config):
     self.round += 1
@@ -191,15 +203,8 @@ class FlowerTransport:
     arrays = params_record(params)
     replies = _ok(self._send(list(self.flower_id.values()), "evaluate", lambda: RecordDict({"arrays": arrays})),
                   f"evaluation of round {self.round}", strict=False)
-    out = {}
-    for r in replies:
-      m = dict(r.content["metrics"])
-      out[self._node(r)] = {
-          s: tuple((
-              {k.split("/", 2)[2]: float(v) for k, v in m.items()
-               if k.startswith(f"{role}/{s}/") and not k.endswith("/rows")}, int(m[f"{role}/{s}/rows"]))
-              for role in ("server", "node")) for s in SPLITS}
-    return out
+    return {self._node(r): {s: (_metrics_of(r, "server", s), _metrics_of(r, "node", s)) for s in SPLITS}
+            for r in replies}
 
 
 def make_server_app(verbose: bool = True) -> ServerApp:
@@ -247,6 +252,7 @@ class InProcessGrid(Grid):
                                              state=RecordDict(), run_config=dict(run_config))
                      for i in range(num_nodes)}
     self._replies: dict[str, Message] = {}
+    self._ids = itertools.count()
 
   def set_run(self, run: Any) -> None:
     self._run = run
@@ -273,9 +279,9 @@ class InProcessGrid(Grid):
   def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
     ids = []
     for m in messages:
+      ids.append(str(next(self._ids)))
       reply = self._deliver(m)
-      ids.append(str(len(self._replies)))
-      if reply is not None:
+      if reply is not None:  # a dropped message gets an id that never has a reply, as a lost node's
         self._replies[ids[-1]] = reply
     return ids
 

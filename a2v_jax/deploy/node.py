@@ -93,11 +93,8 @@ class NodeProgram:
 
   def init_state(self) -> ClientState:
     """This node's client state exactly as ``engine.fed_a2v(...).init`` makes it for client ``node_id``."""
-    _, clients_key, _ = jax.random.split(jax.random.PRNGKey(self.cfg.experiment.seed), 3)
-    key = jax.random.split(clients_key, self.num_nodes)[self.node_id]
-    params = self.init_fn(key)
-    return ClientState(params=params, opt_state=optim.client_optimizer(self.cfg).init(params),
-                       rng=jax.random.fold_in(key, 1), control=engine.initial_control(self.cfg, params))
+    _, keys, _ = engine.init_keys(jax.random.PRNGKey(self.cfg.experiment.seed), self.num_nodes)
+    return engine.init_client(self.cfg, self.init_fn, optim.client_optimizer(self.cfg), keys[self.node_id])
 
   def _local_train(self, steps: int):
     if ("train", steps) not in self._programs:

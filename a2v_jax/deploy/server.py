@@ -88,10 +88,8 @@ class ServerProgram:
     server_tx = optim.server_optimizer(cfg)
     mode = cfg.federation.adapter_aggregation_mode
 
-    server_key, _, rng = jax.random.split(jax.random.PRNGKey(cfg.experiment.seed), 3)
-    params = self.init_fn(server_key)
-    self.state = ServerState(params=params, opt_state=server_tx.init(params), round=jnp.zeros((), jnp.int32),
-                             rng=rng, control=None)
+    server_key, _, rng = engine.init_keys(jax.random.PRNGKey(cfg.experiment.seed), self.num_nodes)
+    self.state = engine.init_server(cfg, self.init_fn, server_tx, server_key, rng)
 
     def step(server: ServerState, stacked: Params, participate: jax.Array):
       mean = aggregate.weighted_mean(stacked, aggregate.client_weights(mode, jnp.asarray(self.train_count),

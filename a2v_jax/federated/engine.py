@@ -67,17 +67,10 @@ def fed_a2v(cfg: Config, apply_fn: Callable, init_fn: Callable, *, steps: int,
   scaffold = cfg.federation.local_drift_correction == "scaffold"
 
   def init(rng: jax.Array) -> tuple[ServerState, ClientState]:
-    server_key, clients_key, rng = jax.random.split(rng, 3)
-    server_params = init_fn(server_key)
-    keys = jax.random.split(clients_key, num_clients)
+    server_key, keys, rng = init_keys(rng, num_clients)
     # Independent initialisation per node, as the reference; avg modes overwrite it in round 1.
-    client_params = jax.vmap(init_fn)(keys)
-    client_opt = jax.vmap(tx.init)(client_params)
-    rngs = jax.vmap(lambda k: jax.random.fold_in(k, 1))(keys)
-    server = ServerState(params=server_params, opt_state=server_tx.init(server_params),
-                         round=jnp.zeros((), jnp.int32), rng=rng, control=initial_control(cfg, server_params))
-    return server, ClientState(params=client_params, opt_state=client_opt, rng=rngs,
-                               control=initial_control(cfg, client_params))
+    clients = jax.vmap(lambda k: init_client(cfg, init_fn, tx, k))(keys)
+    return init_server(cfg, init_fn, server_tx, server_key, rng), clients
 
   def train_all(clients: ClientState, data: RoundData, epoch0, shared: Shared, server_control):
     fn = over_clients(lambda c, i, n: local_train(c, i, n, epoch0, shared, server_control))
@@ -118,6 +111,28 @@ def fed_a2v(cfg: Config, apply_fn: Callable, init_fn: Callable, *, steps: int,
     return server, clients, metrics
 
   return Algorithm(init=init, round=round_fn, local_train=local_train)
+
+
+def init_keys(rng: jax.Array, num_clients: int) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """(server params key, (C,) client keys, the server's sampling key) of a run's init: one place, so a deployed
+  node and server (``deploy/``) initialise exactly as the simulation does."""
+  server_key, clients_key, rng = jax.random.split(rng, 3)
+  return server_key, jax.random.split(clients_key, num_clients), rng
+
+
+def init_client(cfg: Config, init_fn: Callable, tx: optax.GradientTransformation, key: jax.Array) -> ClientState:
+  """One client's state from its key (``init_keys``): heads, optimiser state, its own key, control variate."""
+  params = init_fn(key)
+  return ClientState(params=params, opt_state=tx.init(params), rng=jax.random.fold_in(key, 1),
+                     control=initial_control(cfg, params))
+
+
+def init_server(cfg: Config, init_fn: Callable, server_tx: optax.GradientTransformation, key: jax.Array,
+                rng: jax.Array) -> ServerState:
+  """The server's state at round 0 (``init_keys`` gives ``key`` and ``rng``)."""
+  params = init_fn(key)
+  return ServerState(params=params, opt_state=server_tx.init(params), round=jnp.zeros((), jnp.int32), rng=rng,
+                     control=initial_control(cfg, params))
 
 
 def sample_participants(rng: jax.Array, num_clients: int, m: int, count: jax.Array) -> tuple[jax.Array, jax.Array]:
