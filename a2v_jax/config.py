@@ -22,7 +22,7 @@ import json
 import types
 import typing
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Any, Literal, Optional, Union
 
 from a2v_jax.errors import A2VError
 
@@ -242,6 +242,11 @@ class GeneratorConfig:
   # small class-specific directions (FSDD: ridge probe trained on samples 0.69 raw -> 0.82 standardised).
   generator_standardize_features: bool = True
   synthetic_samples_per_class: str = "auto"
+  # Run 2: the server sends every participating node synthetic rows of the classes it lacks, drawn each round
+  # from the OTHER participants' synthetic rows, so that the node trains class-balanced: for each class, this
+  # many rows minus those it holds ('auto' = the node's train rows / classes it holds). A node holding every
+  # class receives nothing. None = nothing is sent (federated/synthetic_share.py).
+  server_synthetic_samples_per_class: Optional[Union[int, Literal["auto"]]] = None
   # Run 2: token count of synthetic features (samples of S tokens are stretched by linear
   # interpolation). None = the heads' input token count (the cached features' T, or the T the
   # generators were trained from when no cache exists); a value must equal that count.
@@ -519,6 +524,16 @@ def validate(cfg: Config) -> None:
     raise ConfigError(f"config key 'synthetic_samples_per_class' must be 'auto' or an integer, got {spc!r}")
   if spc != "auto" and int(spc) < 1:
     raise ConfigError(f"config key 'synthetic_samples_per_class' must be 'auto' or >= 1, got {spc!r}")
+  sspc = g.server_synthetic_samples_per_class
+  if sspc is not None:
+    if sspc != "auto" and sspc < 1:
+      raise ConfigError(f"config key 'server_synthetic_samples_per_class' must be 'auto', >= 1 or null, got {sspc!r}")
+    if not g.use_pretrained_generators:
+      raise ConfigError("config key 'server_synthetic_samples_per_class' sends the nodes synthetic rows drawn from "
+                        "Run 1's generators: set 'use_pretrained_generators': true (Run 2), or drop the key")
+    if f.adapter_aggregation_mode == "centralised":
+      raise ConfigError("config key 'server_synthetic_samples_per_class' sends nodes the classes they lack, but "
+                        "'adapter_aggregation_mode' 'centralised' has one node holding every class; drop the key")
   if g.generator_output_sequence_length is not None and g.generator_output_sequence_length < 1:
     raise ConfigError("config key 'generator_output_sequence_length' must be >= 1 or null, got "
                       f"{g.generator_output_sequence_length}")
@@ -560,9 +575,11 @@ def validate(cfg: Config) -> None:
   if f.global_model_train and not g.use_pretrained_generators:
     raise ConfigError("config key 'global_model_train' trains the server heads on the nodes' synthetic features, "
                       "which come from Run 1's generators: set 'use_pretrained_generators': true (Run 2)")
-  if g.use_pretrained_generators and not g.train_on_synthetic_features and not f.global_model_train:
-    raise ConfigError("config key 'train_on_synthetic_features' is false and 'global_model_train' is off: the "
-                      "synthetic features Run 2 draws would be used by nobody")
+  if (g.use_pretrained_generators and not g.train_on_synthetic_features and not f.global_model_train
+      and g.server_synthetic_samples_per_class is None):
+    raise ConfigError("config key 'train_on_synthetic_features' is false, 'global_model_train' is off and "
+                      "'server_synthetic_samples_per_class' is unset: the synthetic features Run 2 draws would be "
+                      "used by nobody")
   if f.global_model_train and g.generator_only_mode:
     raise ConfigError("config key 'global_model_train' is true but 'generator_only_mode' trains no heads")
   if f.global_model_train and f.adapter_aggregation_mode not in ("avg", "weighted"):

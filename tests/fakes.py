@@ -10,8 +10,9 @@ from a2v_jax.run.trainer import Prepared
 
 
 def synthetic_prepared(num_nodes=3, per_node=(24, 17, 30), classes=4, tokens=6, dim=8,
-                       seed=0, t5=(3, 6), clip=4) -> Prepared:
-  """Gaussian clusters of token features per class; random per-class targets."""
+                       seed=0, t5=(3, 6), clip=4, node_classes=None) -> Prepared:
+  """Gaussian clusters of token features per class; random per-class targets. ``node_classes[n]``: the
+  classes node n draws its labels from (default: all)."""
   rs = np.random.RandomState(seed)
   centers = rs.randn(classes, dim).astype(np.float32)
   clips, feats, nodes = [], [], []
@@ -19,7 +20,7 @@ def synthetic_prepared(num_nodes=3, per_node=(24, 17, 30), classes=4, tokens=6, 
     start = len(clips)
     count = per_node[n % len(per_node)]
     for i in range(count):
-      label = int(rs.randint(classes))
+      label = int(rs.randint(classes)) if node_classes is None else int(rs.choice(node_classes[n]))
       clips.append(Clip(path=f"/nonexistent/{n}_{i}.wav", label=label, group=f"g{n}",
                         clip_id=f"{n}_{i}", split="test" if i % 5 == 0 else "train"))
       feats.append(centers[label] + 0.7 * rs.randn(tokens, dim))

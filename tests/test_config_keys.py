@@ -45,6 +45,7 @@ REFUSED = {
     "use_generator": ["use_generator=true"],                          # neither Run 1 nor Run 2
     "global_model_train": ["global_model_train=true"],                # no generators to draw from
     "adapter_load_checkpoint": ['adapter_load_checkpoint="x"'],       # generate needs generators
+    "server_synthetic_samples_per_class": ["server_synthetic_samples_per_class=40"],  # no generators
 }
 
 

@@ -5,6 +5,8 @@ programs -> ``init_state`` or ``restore_heads``. Then the one round loop (``run/
 run's stages, each ``stage(carry, round) -> (carry, row entries)`` on a :class:`Carry`:
 
   redraw_stage    Run 2 with ``synthetic_resample_each_round``: fresh synthetic rows (rounds after the first)
+  share_stage     Run 2 with ``server_synthetic_samples_per_class``: the participants' rows plus the synthetic
+                  rows of the classes each lacks, drawn from the other participants (``federated/synthetic_share.py``)
   heads_stage     local training of the sampled clients + aggregation (``federated/engine.py``)
   run1_stage      Run 1 (``use_generator``): the generators train after the round's heads
   server_stage    Run 2: the server gathers the participants' synthetic rows, trains the global heads on them
@@ -41,7 +43,7 @@ from a2v_jax.generators import checkpoint as gen_ckpt
 from a2v_jax.federated import distributed, engine, sharding
 from a2v_jax.generators import runs as generator_runs
 from a2v_jax.federated import kd as kd_lib
-from a2v_jax.federated import server_train
+from a2v_jax.federated import server_train, synthetic_share
 from a2v_jax.federated.evaluate import make_evaluator, pad_indices
 from a2v_jax.federated.evaluate import predict as predict_rows
 from a2v_jax.render.round_outputs import RoundOutputs
@@ -233,6 +235,7 @@ class Carry:
   clients: Any                # every client's heads (split over the mesh)
   shared: Shared              # features, labels, targets (replaced when Run 2 redraws its synthetic rows)
   participate: Any = None     # this round's sampled clients (set by the heads stage)
+  data: Any = None            # this round's training rows when the share stage sets them (else the layout's)
   run1: Any = None            # Run 1's generators (generators.runs.Run1), trained after the heads
 
 
@@ -273,6 +276,9 @@ def train_and_evaluate(cfg: Config, *, resume: bool = False, verbose: bool = Tru
   mesh = sharding.client_mesh()
   real_clients = 1 if cfg.federation.adapter_aggregation_mode == "centralised" else len(prepared.nodes.nodes)
   lay = layout(cfg, prepared, sharding.padded_clients(real_clients, mesh))
+  share = start_share(cfg, prepared, pretrained, lay, verbose) if pretrained is not None else None
+  if share is not None:
+    lay = dataclasses.replace(lay, steps=share.steps)
   token_shape = prepared.features.shape[1:]
   heads = make_heads(cfg, {b: t.shape[1:] for b, t in prepared.targets.items()})
   counts = count_params(heads, token_shape)
@@ -301,6 +307,8 @@ def train_and_evaluate(cfg: Config, *, resume: bool = False, verbose: bool = Tru
   train = []
   if pretrained is not None and g.synthetic_resample_each_round:
     train.append(redraw_stage(cfg, pretrained, prepared, place))
+  if share is not None:
+    train.append(share_stage(cfg, share, place))
   train.append(heads_stage(round_fn, data, place, lay.num_real_clients))
   if carry.run1 is not None:
     train.append(run1_stage(cfg))
@@ -362,7 +370,8 @@ def restore_heads(checkpointer: ckpt_lib.RoundCheckpointer, carry: Carry, cfg: C
 def heads_stage(round_fn, data: engine.RoundData, place: distributed.Placement, num_real: int):
   """The heads' round: local training of the sampled clients and aggregation (one jitted program)."""
   def stage(carry: Carry, r: int):
-    server, clients, m = round_fn(carry.server, carry.clients, data, carry.shared)
+    server, clients, m = round_fn(carry.server, carry.clients, data if carry.data is None else carry.data,
+                                 carry.shared)
     m = place.host(m)
     _check_finite(m, r, num_real)
     row = {f"train/node_{i}/{k}": float(v[i]) for k, v in m.items() if k.endswith("_loss") for i in range(num_real)}
@@ -389,6 +398,63 @@ def redraw_stage(cfg: Config, pretrained: PretrainedGenerators, prepared: Prepar
     host_features[rows.offset:] = generator_runs.redraw_synthetic(
         cfg, pretrained.state, pretrained.scale, pretrained.counts, pretrained.length, r)
     return dataclasses.replace(carry, shared=place.replicated(carry.shared._replace(features=host_features))), {}
+  return stage
+
+
+@dataclasses.dataclass(frozen=True)
+class Share:
+  """Run 2's share of synthetic rows to the nodes: the jitted draw and what it needs each round."""
+  draw: Any                  # synthetic_share.make_share(...)
+  base_count: np.ndarray     # (C,) each client's own train rows (the engine samples clients from these)
+  receive: np.ndarray        # (C, K) rows each client receives per class when every node takes part
+  steps: int                 # local steps per epoch over a node's own + received rows
+
+
+def start_share(cfg: Config, prepared: Prepared, pretrained: PretrainedGenerators, lay: Layout,
+                verbose: bool) -> Optional[Share]:
+  """The share of ``server_synthetic_samples_per_class``, or None when nothing would be sent (the key is unset,
+  or every node already holds every class at that count: the run is then the run without the key)."""
+  per_class = cfg.generators.server_synthetic_samples_per_class
+  if per_class is None:
+    return None
+  rows, labels = pretrained.rows, prepared.nodes.clipset.labels
+  train_rows = [np.asarray(n["train"], np.int64) for n in prepared.nodes.nodes]
+  num_clients, k = lay.train_idx.shape[0], len(prepared.class_names)
+  receive = synthetic_share.receive_counts(per_class, train_rows, labels, k, num_clients)
+  if not receive.any():
+    if verbose:
+      print(f"server: server_synthetic_samples_per_class={per_class!r}: every node holds every class at that "
+            "count; no synthetic rows are sent to the nodes")
+    return None
+  syn = np.arange(rows.offset, rows.offset + rows.count)
+  bs = cfg.train.batch_size
+  width = -(-int((lay.train_count + receive.sum(1)).max()) // bs) * bs
+  draw = synthetic_share.make_share(lay.train_idx, lay.train_count, syn, rows.nodes[:rows.count], labels[syn],
+                                    receive, width)
+  if verbose:
+    per_node = ", ".join(f"node {c}: {int(receive[c].sum())} of {int((receive[c] > 0).sum())} class(es)"
+                         for c in range(lay.num_real_clients))
+    print(f"server: sends each participant synthetic rows of the classes it lacks (server_synthetic_samples_per_"
+          f"class={per_class!r}), drawn each round from the other participants' synthetic rows; at full "
+          f"participation {per_node}")
+  return Share(draw, np.asarray(lay.train_count), receive, width // bs)
+
+
+def share_stage(cfg: Config, share: Share, place: distributed.Placement):
+  """Run 2 with ``server_synthetic_samples_per_class``: this round's training rows of every client. The
+  participants are those the heads stage will sample (``engine.sample_participants`` on the server's key);
+  only their synthetic rows are drawn from, only they receive."""
+  num_clients = len(share.base_count)
+  m = engine.num_participants(cfg, num_clients)
+  base_count = jnp.asarray(share.base_count)
+
+  def stage(carry: Carry, r: int):
+    _, participate = engine.sample_participants(jnp.asarray(place.host(carry.server.rng)), num_clients, m,
+                                                base_count)
+    idx, count, sent = jax.device_get(share.draw(participate, synthetic_share.share_key(cfg.experiment.seed, r)))
+    row = {f"train/node_{c}/received_synthetic_rows": int(sent[c]) for c in range(num_clients) if share.receive[c].any()}
+    row["server/shared_synthetic_rows"] = int(sent.sum())
+    return dataclasses.replace(carry, data=engine.RoundData(*place.clients((idx, count)))), row
   return stage
 
 
