@@ -35,6 +35,7 @@ def _evaluate(args: argparse.Namespace) -> int:
   import numpy as np
   import orbax.checkpoint as ocp
 
+  from a2v_jax import checkpoint as ckpt_lib
   from a2v_jax import config as config_lib
   from a2v_jax import features as features_lib
   from a2v_jax.data.registry import read_dataset
@@ -45,11 +46,14 @@ def _evaluate(args: argparse.Namespace) -> int:
   run = Path(args.run)
   if not (run / "config.json").is_file():
     raise UsageError(f"{run} is not a run directory (no config.json)")
-  cfg = config_lib.from_dict(json.loads((run / "config.json").read_text()), where=str(run / "config.json"))
-  data_cfg = dataclasses.replace(cfg.data, dataset_root=args.data)
-  clipset = read_dataset(data_cfg)
-  feats = features_lib.ast_features(cfg, clipset)
-  targets = features_lib.text_targets(cfg, clipset.class_names)
+  try:
+    saved = json.loads((run / "config.json").read_text())
+  except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    raise UsageError(f"{run / 'config.json'} is corrupt (not JSON: {e}); it is the run's config, written at its start")
+  if not isinstance(saved, dict):
+    raise UsageError(f"{run / 'config.json'} is corrupt (a JSON {type(saved).__name__}, not an object)")
+  cfg = config_lib.from_dict(saved, where=str(run / "config.json"))
+  # The checkpoint first: a damaged one is refused before any feature work.
   manager = ocp.CheckpointManager((run / "state").absolute(), item_names=("state", "meta"))
   step = args.round if args.round is not None else manager.latest_step()
   if step is None:
@@ -57,7 +61,19 @@ def _evaluate(args: argparse.Namespace) -> int:
   if step not in manager.all_steps():
     raise UsageError(f"no checkpoint of round {step} under {run / 'state'} (rounds kept: "
                      f"{sorted(manager.all_steps())})")
-  state = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))["state"]
+  where = f"checkpoint round {step} under {run / 'state'}"
+  try:
+    restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(),
+                                                             meta=ocp.args.JsonRestore()))
+  except Exception as e:
+    raise ckpt_lib.unreadable(where, e) from e
+  state = restored["state"]
+  ckpt_lib.verify_checksums(state, restored["meta"] or {}, where)
+
+  data_cfg = dataclasses.replace(cfg.data, dataset_root=args.data)
+  clipset = read_dataset(data_cfg)
+  feats = features_lib.ast_features(cfg, clipset)
+  targets = features_lib.text_targets(cfg, clipset.class_names)
 
   from a2v_jax.models.heads import head_functions, make_heads
   apply_fn, _ = head_functions(make_heads(cfg, {b: t.shape[1:] for b, t in targets.items()}), feats.shape[1:])

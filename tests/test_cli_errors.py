@@ -20,12 +20,26 @@ def _refused(capsys, status, *expected):
   return err
 
 
-def test_evaluate_on_a_folder_with_a_corrupt_and_an_empty_wav(tmp_path, capsys):
+@pytest.fixture(scope="module")
+def saved_run(tmp_path_factory):
+  """A run directory holding fsdd_tiny's config and round checkpoints 1 and 2 (of small synthetic heads:
+  evaluate reads the checkpoint, then the clips, so the shapes are never compared in these tests)."""
+  from a2v_jax.run.trainer import train_and_evaluate
+  from tests.fakes import synthetic_prepared
+  tmp = tmp_path_factory.mktemp("saved_run")
+  cfg = config.load(None, ["batch_size=4", "clip_adapter_hidden=[8]", "t5_adapter_hidden=[8]", "map_heads=2",
+                           "num_nodes=3", "global_rounds=2", "checkpoint_frequency=1", f'output_dir="{tmp}"',
+                           'name="run"'])
+  train_and_evaluate(cfg, verbose=False, prepared=synthetic_prepared())
+  (tmp / "run" / "config.json").write_text(json.dumps(config.load("experiments/configs/fsdd_tiny.json", []).to_dict()))
+  return tmp / "run"
+
+
+def test_evaluate_on_a_folder_with_a_corrupt_and_an_empty_wav(tmp_path, capsys, saved_run):
   from experiments import evaluate
   run, data = tmp_path / "run", tmp_path / "new_speaker"
-  run.mkdir()
+  shutil.copytree(saved_run, run)
   data.mkdir()
-  (run / "config.json").write_text(json.dumps(config.load("experiments/configs/fsdd_tiny.json", []).to_dict()))
   shutil.copy(FSDD / "0_george_0.wav", data / "0_george_0.wav")
   (data / "1_george_0.wav").write_bytes(b"RIFF\x00\x00\x00\x00WAVEjunk")
   (data / "2_george_0.wav").write_bytes(b"")
@@ -39,6 +53,24 @@ def test_evaluate_on_a_folder_that_is_not_a_run(tmp_path, capsys):
   from experiments import evaluate
   _refused(capsys, evaluate.main(["--run", str(tmp_path), "--data", str(FSDD)]),
            f"{tmp_path} is not a run directory (no config.json)")
+
+
+def test_evaluate_with_a_junk_config_or_a_damaged_checkpoint(tmp_path, capsys, saved_run):
+  from experiments import evaluate
+  run = tmp_path / "run"
+  shutil.copytree(saved_run, run)
+  data = next((run / "state" / "2" / "state" / "d").iterdir())
+  data.write_bytes(data.read_bytes()[:100])
+  _refused(capsys, evaluate.main(["--run", str(run), "--data", str(FSDD)]),
+           f"checkpoint round 2 under {run / 'state'} is corrupt")
+  shutil.rmtree(run / "state" / "2" / "state")  # well-formed arrays of round 1 under round 2's checksums
+  shutil.copytree(run / "state" / "1" / "state", run / "state" / "2" / "state")
+  _refused(capsys, evaluate.main(["--run", str(run), "--data", str(FSDD)]), "differ from what was saved")
+  _refused(capsys, evaluate.main(["--run", str(run), "--data", str(FSDD), "--round", "7"]),
+           "no checkpoint of round 7", "rounds kept: [1, 2]")
+  (run / "config.json").write_text("{junk")
+  _refused(capsys, evaluate.main(["--run", str(run), "--data", str(FSDD)]), "config.json is corrupt (not JSON")
+  assert not list(run.glob("eval_*.json"))
 
 
 def test_render_without_matching_files(tmp_path, capsys):

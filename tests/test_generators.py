@@ -395,6 +395,14 @@ def test_checkpoint_errors_name_what_was_found(unified, tmp_path):
   with pytest.raises(gc.GeneratorCheckpointError, match="feature_dim"):
     gc.restore_generators(cfg, feature_dim=D + 1)
   path = gc.round_dir(cfg, 1)
+  # well-formed arrays with other values (another state's) under round 1's manifest: only its checksums tell
+  other = dataclasses.replace(cfg, generator_checkpoint_base_name="other")
+  gc.save_generators(other, state.replace(params=jax.tree.map(lambda a: a + 1.0, state.params)), 1)
+  shutil.rmtree(path / "state")
+  shutil.copytree(gc.round_dir(other, 1) / "state", path / "state")
+  with pytest.raises(gc.GeneratorCheckpointError, match=r"generator checkpoint .*round_00001/state is corrupt: "
+                                                       r"\d+ array\(s\) differ from what was saved, first params/"):
+    gc.restore_generators(cfg)
   for f in (path / "state" / "d").iterdir():  # damaged array files
     f.write_bytes(b"garbage")
   with pytest.raises(gc.GeneratorCheckpointError, match="corrupt"):

@@ -47,6 +47,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from a2v_jax import checkpoint as ckpt_lib
 from a2v_jax.errors import A2VError
 from a2v_jax.config import GeneratorConfig, generator_condition
 from a2v_jax.federated import distributed
@@ -110,6 +111,7 @@ def _manifest(cfg: GeneratorConfig, state: GenState, round_num: int, extra: Opti
       "spec": dataclasses.asdict(spec), "layout": dataclasses.asdict(layout),
       "config_hash": config_hash(cfg, spec), "model_hash": spec.model_hash(),
       "generator_config": dataclasses.asdict(cfg), "arrays": _leaf_table(state.arrays()),
+      "checksums": ckpt_lib.checksums(jax.device_get(state.arrays())),
       "extra": extra or {},
   }
 
@@ -335,4 +337,8 @@ def restore_generators(cfg: GeneratorConfig, *, round_num: Optional[int] = None,
   except Exception as e:  # orbax / tensorstore raise many types for damaged files
     raise GeneratorCheckpointError(f"{path}/{STATE} could not be read (corrupt checkpoint): "
                                    f"{type(e).__name__}: {str(e)[:400]}") from e
+  try:
+    ckpt_lib.verify_checksums(arrays, manifest, f"generator checkpoint {path}/{STATE}")
+  except ckpt_lib.CheckpointError as e:
+    raise GeneratorCheckpointError(str(e)) from e
   return GenState(**arrays, spec=spec, layout=layout), round_num

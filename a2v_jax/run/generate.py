@@ -210,13 +210,19 @@ def restore_heads(run: HeadsRun) -> tuple[Params, Params]:
   """
   import orbax.checkpoint as ocp
   mgr = _manager(run.path / "state")
+  where = f"heads checkpoint round {run.round} under {run.path}/state"
   try:
-    state = mgr.restore(run.round, args=ocp.args.Composite(state=ocp.args.StandardRestore()))["state"]
+    restored = mgr.restore(run.round, args=ocp.args.Composite(state=ocp.args.StandardRestore(),
+                                                              meta=ocp.args.JsonRestore()))
   except Exception as e:
-    raise GenerateError(f"heads checkpoint round {run.round} under {run.path}/state is corrupt: "
-                        f"{type(e).__name__}: {str(e)[:400]}") from e
+    raise GenerateError(str(ckpt_lib.unreadable(where, e))) from e
   finally:
     mgr.close()
+  state = restored["state"]
+  try:
+    ckpt_lib.verify_checksums(state, restored["meta"] or {}, where)
+  except ckpt_lib.CheckpointError as e:
+    raise GenerateError(str(e)) from e
   return jax.tree.map(np.asarray, (state["server"]["params"], state["clients"]["params"]))
 
 

@@ -28,6 +28,7 @@ checkpoints (``generator_checkpoint``); every process reads them.
 from __future__ import annotations
 
 import dataclasses
+import sys
 import time
 from typing import Any, Optional
 
@@ -347,15 +348,21 @@ def train_and_evaluate(cfg: Config, *, resume: bool = False, verbose: bool = Tru
 
 def restore_heads(checkpointer: ckpt_lib.RoundCheckpointer, carry: Carry, cfg: Config, log: RunLog,
                   verbose: bool) -> tuple[int, Optional[dict[str, Any]]]:
-  """``--resume``: the round and ``{server, clients}`` of the latest complete checkpoint, or (0, None) when
-  there is none (a run killed before its first checkpoint: the rows it logged are recomputed, not kept twice)."""
+  """``--resume``: the round and ``{server, clients}`` of the newest intact checkpoint (a damaged newer round is
+  moved aside with a warning: ``RoundCheckpointer.restore_intact``), or (0, None) when there is none (a run
+  killed before its first checkpoint: the rows it logged are recomputed, not kept twice)."""
   if checkpointer.latest_round() is None:
     log.truncate_after(0)
     if verbose:
       print("nothing to resume: starting from round 0")
     return 0, None
-  state, meta = checkpointer.restore(ckpt_lib.abstract({"server": carry.server, "clients": carry.clients}),
-                                     cfg.to_dict())
+  say = lambda m: print(f"warning: {m}", file=sys.stderr, flush=True) if jax.process_index() == 0 else None
+  got = checkpointer.restore_intact(ckpt_lib.abstract({"server": carry.server, "clients": carry.clients}),
+                                    cfg.to_dict(), say)
+  if got is None:
+    log.truncate_after(0)
+    return 0, None
+  state, meta = got
   start = int(meta["round"])
   log.truncate_after(start)
   if verbose:
