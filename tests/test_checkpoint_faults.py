@@ -153,3 +153,17 @@ def test_save_killed_half_way_resumes_from_the_last_complete_round(tmp_path, pre
   rounds = [json.loads(l)["round"] for l in _rows(run).splitlines()]
   assert rounds == [1, 2, 3, 4]
   assert sorted(p.name for p in (run / "state").iterdir() if p.name.isdigit()) == ["3", "4"]
+
+
+def test_a_torn_last_row_is_run_again_on_resume(tmp_path, prep, done, capsys):
+  """A kill during the append of round 3's row (after round 2's checkpoint) leaves half a line: --resume sets it
+  aside with one line and ends where a straight run ends, each round logged once."""
+  straight = done[1]
+  run = _two_rounds(tmp_path, done)
+  with open(run / "metrics.jsonl", "a") as f:
+    f.write('{"round": 3, "round_seconds": 0.0')
+  resumed = train_and_evaluate(_cfg(tmp_path, "r", 4), resume=True, verbose=False, prepared=prep)
+  assert "is incomplete (a write cut short)" in capsys.readouterr().err
+  assert resumed["final"] == straight["final"]
+  assert [json.loads(l)["round"] for l in _rows(run).splitlines()] == [1, 2, 3, 4]
+  assert (run / "metrics.jsonl.torn").read_text().startswith('{"round": 3')

@@ -27,3 +27,54 @@ def test_summary_holds_final_and_best(tmp_path, capsys):
   assert summary["final"]["test/server/clip_accuracy_on_test"] == 0.4
   assert summary["best_by_val"]["round"] == 1
   assert "best round by validation accuracy: 1" in capsys.readouterr().out
+
+
+def _log_with(tmp_path, text):
+  run = tmp_path / "run"
+  run.mkdir()
+  (run / "metrics.jsonl").write_text(text)
+  return run
+
+
+def test_a_torn_last_line_is_set_aside_with_a_warning(tmp_path, capsys):
+  import json
+  good = "".join(json.dumps({"round": r, "train/node_0/clip_loss": 0.5 / r}) + "\n" for r in (1, 2))
+  torn = '{"round": 3, "train/node_0/cl'
+  run = _log_with(tmp_path, good + torn)
+  log = RunLog(run, resume=True, verbose=False)
+  assert [r["round"] for r in log.rows] == [1, 2]
+  err = capsys.readouterr().err
+  assert f"warning: the last line of {run / 'metrics.jsonl'} is incomplete" in err and "metrics.jsonl.torn" in err
+  assert (run / "metrics.jsonl").read_text() == good
+  assert (run / "metrics.jsonl.torn").read_text() == torn + "\n"
+  log.append({"round": 3, "train/node_0/clip_loss": 0.1})
+  log.close()
+  assert [json.loads(l)["round"] for l in (run / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3]
+
+
+def test_a_corrupt_line_before_the_last_stops_naming_it(tmp_path):
+  import pytest
+  from a2v_jax.run.log import RunDirError
+  run = _log_with(tmp_path, '{"round": 1}\n{"round": 2, oops}\n{"round": 3}\n')
+  with pytest.raises(RunDirError, match=r"metrics.jsonl line 2 is corrupt"):
+    RunLog(run, resume=True, verbose=False)
+  from a2v_jax.run import lock
+  lock.acquire(run).release()  # the refused log released the directory's lock
+
+
+def test_disk_full_while_writing_metrics_names_the_file_and_leaves_no_temporary(tmp_path, monkeypatch):
+  import csv
+  import errno
+  import pytest
+  from a2v_jax.checkpoint import DiskFullError
+  log = RunLog(tmp_path / "run", resume=False, verbose=False)
+  log.append({"round": 1, "x": 1.0})
+
+  def full(self, rows):
+    raise OSError(errno.ENOSPC, "No space left on device")
+  monkeypatch.setattr(csv.DictWriter, "writerows", full)
+  with pytest.raises(DiskFullError, match=rf"disk full while writing {tmp_path / 'run' / 'metrics.csv'} .*--resume"):
+    log.append({"round": 2, "x": 2.0})
+  log.close()
+  assert not (tmp_path / "run" / "metrics.csv.tmp").exists()
+  assert sorted(p.name for p in (tmp_path / "run").iterdir() if not p.name.startswith(".")) == ["metrics.csv", "metrics.jsonl"]

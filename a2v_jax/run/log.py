@@ -6,12 +6,15 @@ Metric names follow the reference's wandb keys (``test/node_{i}/...``, ``test/se
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import re
+import sys
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
+from a2v_jax.checkpoint import DiskFullError, is_disk_full
 from a2v_jax.errors import A2VError
 from a2v_jax.run import lock as run_lock
 
@@ -87,8 +90,41 @@ class RunLog:
           "continue it, or choose another experiment name (--set name=...) so nothing is overwritten")
     self.rows: list[dict[str, Any]] = []
     if self.jsonl.exists():
-      self.rows = [json.loads(l) for l in self.jsonl.read_text().splitlines() if l.strip()]
+      try:
+        self.rows = self._read_rows()
+      except RunDirError:
+        self.close()
+        raise
     self._printed_header = False
+
+  def _read_rows(self) -> list[dict[str, Any]]:
+    """The logged rows. A torn LAST line (an append cut short by a kill or a full disk) is set aside to
+    ``metrics.jsonl.torn`` with a warning: its round had not been checkpointed (rows are written before the
+    round's save), so ``--resume`` runs it again. Any other unreadable line stops the run, naming it."""
+    text = self.jsonl.read_text(errors="replace")
+    lines = text.splitlines()
+    rows = []
+    for i, line in enumerate(lines):
+      if not line.strip():
+        continue
+      try:
+        row = json.loads(line)
+        if not isinstance(row, dict) or "round" not in row:
+          raise ValueError("not a round row")
+      except ValueError as e:
+        if i < len(lines) - 1 or text.endswith("\n"):
+          raise RunDirError(f"{self.jsonl} line {i + 1} is corrupt ({e}); it is not the last line, so it is not a "
+                            "write cut short: move the run directory aside or fix the line") from e
+        aside = self.jsonl.with_name(self.jsonl.name + ".torn")
+        if self.write:
+          with open(aside, "a") as f:
+            f.write(line + "\n")
+          self._replace_jsonl(rows)
+        print(f"warning: the last line of {self.jsonl} is incomplete (a write cut short); set aside to {aside}; "
+              "its round is run again", file=sys.stderr, flush=True)
+        break
+      rows.append(row)
+    return rows
 
   def close(self) -> None:
     """Releases the run directory's lock (``finish`` does it; idempotent)."""
@@ -102,27 +138,46 @@ class RunLog:
       self._rewrite()
 
   def _rewrite(self) -> None:
-    tmp = self.jsonl.with_suffix(".jsonl.tmp")
-    tmp.write_text("".join(json.dumps(r) + "\n" for r in self.rows))
-    tmp.replace(self.jsonl)
+    self._replace_jsonl(self.rows)
     self._write_csv()
+
+  @contextlib.contextmanager
+  def _writing(self, path: Path, tmp: Optional[Path] = None) -> Iterator[None]:
+    """A full disk while writing ``path`` ends the run with one line naming it; ``tmp`` is removed."""
+    try:
+      yield
+    except OSError as e:
+      if tmp is not None:
+        tmp.unlink(missing_ok=True)
+      if not is_disk_full(e):
+        raise
+      raise DiskFullError(f"disk full while writing {path} ({e.strerror or e}); the rows of earlier rounds and the "
+                          "last round checkpoint are kept; free space and run again with --resume") from e
+
+  def _replace_jsonl(self, rows: list[dict[str, Any]]) -> None:
+    tmp = self.jsonl.with_suffix(".jsonl.tmp")
+    with self._writing(self.jsonl, tmp):
+      tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
+      tmp.replace(self.jsonl)
 
   def _write_csv(self) -> None:
     keys: list[str] = []
     for r in self.rows:
       keys += [k for k in r if k not in keys]
     tmp = self.run_dir / "metrics.csv.tmp"
-    with open(tmp, "w", newline="") as f:
-      w = csv.DictWriter(f, fieldnames=keys)
-      w.writeheader()
-      w.writerows(self.rows)
-    tmp.replace(self.run_dir / "metrics.csv")
+    with self._writing(self.run_dir / "metrics.csv", tmp):
+      with open(tmp, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=keys)
+        w.writeheader()
+        w.writerows(self.rows)
+      tmp.replace(self.run_dir / "metrics.csv")
 
   def append(self, row: dict[str, Any]) -> None:
     self.rows.append(row)
     if self.write:
-      with open(self.jsonl, "a") as f:
-        f.write(json.dumps(row) + "\n")
+      with self._writing(self.jsonl):
+        with open(self.jsonl, "a") as f:
+          f.write(json.dumps(row) + "\n")
       self._write_csv()
     if self.verbose:
       self._print(row)
