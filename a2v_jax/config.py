@@ -489,10 +489,35 @@ def validate(cfg: Config) -> None:
       "generator_hidden_dim": g.generator_hidden_dim, "generator_latent_dim": g.generator_latent_dim,
       "generator_training_sequence_length": g.generator_training_sequence_length,
       "global_model_train_epochs": f.global_model_train_epochs,
+      "checkpoint_frequency": f.checkpoint_frequency, "generator_checkpoint_frequency": g.generator_checkpoint_frequency,
+      "feature_batch_size": fe.feature_batch_size, "kd_samples_per_class": f.kd_samples_per_class,
+      "t5_max_length": cfg.text.t5_max_length, "clip_max_length": cfg.text.clip_max_length,
+      "map_mlp_ratio": cfg.heads.map_mlp_ratio, "images_per_class": cfg.output.images_per_class,
+      "num_inference_steps": cfg.output.num_inference_steps, "image_size": cfg.output.image_size,
   }
   for key, value in positive.items():
     if value < 1:
       raise ConfigError(f"config key '{key}' must be >= 1, got {value}")
+  # Learning rates and a server step that must move the model; 0 or less trains nothing (or diverges) and would
+  # otherwise only show after the first round.
+  rates = {"clip_adapter_learning_rate": t.clip_adapter_learning_rate,
+           "t5_adapter_learning_rate": t.t5_adapter_learning_rate, "server_learning_rate": f.server_learning_rate,
+           "kd_learning_rate": f.kd_learning_rate, "generator_learning_rate": g.generator_learning_rate}
+  for key, value in rates.items():
+    if not value > 0:  # also NaN
+      raise ConfigError(f"config key '{key}' must be > 0, got {value}")
+  non_negative = {"eval_gap": f.eval_gap, "embeddings_save_frequency": cfg.output.embeddings_save_frequency,
+                  "generate_nodes_images_frequency": cfg.output.generate_nodes_images_frequency,
+                  "generate_global_images_frequency": cfg.output.generate_global_images_frequency,
+                  "clip_adapter_weight_decay": t.clip_adapter_weight_decay,
+                  "t5_adapter_weight_decay": t.t5_adapter_weight_decay, "server_momentum": f.server_momentum,
+                  "cosine_loss_weight": t.cosine_loss_weight,
+                  "generator_augmentation_noise": g.generator_augmentation_noise}
+  for key, value in non_negative.items():
+    if not value >= 0:
+      raise ConfigError(f"config key '{key}' must be >= 0, got {value}")
+  if not f.server_momentum < 1:
+    raise ConfigError(f"config key 'server_momentum' must be < 1, got {f.server_momentum}")
   if not 0.0 < f.join_ratio <= 1.0:
     raise ConfigError(f"config key 'join_ratio' must be in (0, 1], got {f.join_ratio}")
   if d.split == "stratified" and abs(d.train_ratio + d.val_ratio + d.test_ratio - 1.0) > 1e-6:

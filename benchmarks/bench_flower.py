@@ -27,6 +27,7 @@ import numpy as np
 from a2v_jax.data.nodes import NodeData
 from a2v_jax.data.records import Clip, ClipSet
 from a2v_jax.run.trainer import Prepared, train_and_evaluate
+from experiments.cli_errors import positive_int
 
 CONFIG = "experiments/configs/fsdd_tiny.json"
 SETTINGS = ["local_epochs=1", "batch_size=8", "clip_adapter_hidden=[16]", "t5_adapter_hidden=[16]", "map_heads=2",
@@ -84,8 +85,8 @@ def measure(num_nodes: int, rounds: int, paths: list[str]) -> dict:
 
 def main(argv=None) -> int:
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  p.add_argument("--nodes", type=int, nargs="+", default=[5, 50])
-  p.add_argument("--rounds", type=int, default=4)
+  p.add_argument("--nodes", type=positive_int, nargs="+", default=[5, 50])
+  p.add_argument("--rounds", type=positive_int, default=4)
   p.add_argument("--paths", nargs="+", default=["engine", "local", "flower"], choices=["engine", "local", "flower"])
   p.add_argument("--out", default="benchmarks/flower_results.json")
   args = p.parse_args(argv)

@@ -38,6 +38,7 @@ import jax.numpy as jnp  # noqa: E402
 
 from a2v_jax import config as config_lib  # noqa: E402
 from a2v_jax.federated import memory  # noqa: E402
+from experiments.cli_errors import non_negative_int, positive_int  # noqa: E402
 
 WIDE = {"overrides": ["clip_adapter_hidden=[256,256]", "t5_adapter_hidden=[256,256]", "map_mlp_ratio=2"],
         "feature_dim": 768, "target_shapes": {"clip": (128,), "t5": (17, 128)}}
@@ -160,8 +161,8 @@ def main(argv=None) -> list[dict[str, Any]]:
   argv = list(sys.argv[1:] if argv is None else argv)
   p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   p.add_argument("--case", default="a,b", help=f"comma-separated, from {list(CASES) + ['compile']}")
-  p.add_argument("--rounds", type=int, default=2)
-  p.add_argument("--warmup", type=int, default=1)
+  p.add_argument("--rounds", type=positive_int, default=2)
+  p.add_argument("--warmup", type=non_negative_int, default=1)
   p.add_argument("--system-allocator", action="store_true", help="see experiments.scaling.ALLOCATOR_ENV")
   p.add_argument("--out", default="benchmarks/results/bench_round")
   args = p.parse_args(argv)

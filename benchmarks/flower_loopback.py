@@ -21,6 +21,8 @@ import sys
 import time
 from pathlib import Path
 
+from experiments.cli_errors import non_negative_int, positive_float, positive_int
+
 ROOT = Path(__file__).resolve().parents[1]
 APP = ROOT / "a2v_jax" / "deploy" / "flower_project"
 # The default run: 2 FSDD digits on N speaker-nodes, narrow heads (what tests/test_distributed.py runs).
@@ -106,11 +108,11 @@ def run(nodes: int, rounds: int, out: Path, *, kill_node: int | None = None, ext
 
 def main(argv=None) -> int:
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  p.add_argument("--nodes", type=int, default=2)
-  p.add_argument("--rounds", type=int, default=2)
+  p.add_argument("--nodes", type=positive_int, default=2)
+  p.add_argument("--rounds", type=positive_int, default=2)
   p.add_argument("--out", default="checkpoints/flower_loopback")
-  p.add_argument("--kill-node", type=int, default=None, help="SIGKILL this SuperNode after round 1")
-  p.add_argument("--reply-timeout-s", type=float, default=120.0)
+  p.add_argument("--kill-node", type=non_negative_int, default=None, help="SIGKILL this SuperNode after round 1")
+  p.add_argument("--reply-timeout-s", type=positive_float, default=120.0)
   p.add_argument("--set", action="append", default=[], help="key=value override of the experiment config")
   args = p.parse_args(argv)
   result = run(args.nodes, args.rounds, Path(args.out), kill_node=args.kill_node, extra=args.set,

@@ -23,6 +23,8 @@ import sys
 import time
 from pathlib import Path
 
+from experiments.cli_errors import non_negative_int, positive_int
+
 CONFIG = "experiments/configs/fsdd_tiny.json"
 
 
@@ -81,9 +83,9 @@ def kill_once(cmd: list[str], run: Path, during_save: bool, rng: random.Random, 
 
 def main(argv=None) -> int:
   p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-  p.add_argument("--kills", type=int, default=5)
-  p.add_argument("--rounds", type=int, default=40)
-  p.add_argument("--seed", type=int, default=0, help="the run's seed and the kill moments' seed")
+  p.add_argument("--kills", type=non_negative_int, default=5)
+  p.add_argument("--rounds", type=positive_int, default=40)
+  p.add_argument("--seed", type=non_negative_int, default=0, help="the run's seed and the kill moments' seed")
   p.add_argument("--out", default="benchmarks/results/kill_resume")
   args = p.parse_args(argv)
   out = Path(args.out)

@@ -30,6 +30,7 @@ from a2v_jax import config as config_lib  # noqa: E402
 from a2v_jax.federated import optim  # noqa: E402
 from a2v_jax.federated.local import branch_losses  # noqa: E402
 from a2v_jax.models.heads import make_heads  # noqa: E402
+from experiments.cli_errors import positive_int  # noqa: E402
 
 
 def timed(fn: Callable, *args, reps: int) -> dict[str, float]:
@@ -116,8 +117,8 @@ def profile(case: str, clients: int, reps: int) -> list[dict[str, Any]]:
 def main(argv=None):
   p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   p.add_argument("--case", default="b")
-  p.add_argument("--clients", type=int, default=100)
-  p.add_argument("--reps", type=int, default=5)
+  p.add_argument("--clients", type=positive_int, default=100)
+  p.add_argument("--reps", type=positive_int, default=5)
   args = p.parse_args(argv)
   if args.case not in bench_round.CASES:
     from experiments.cli_errors import UsageError

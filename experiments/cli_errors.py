@@ -79,3 +79,26 @@ def guard(body: Callable[[], Any], *, interrupted: Optional[str] = None) -> int:
       raise
     return report(e)
   return status if isinstance(status, int) and not isinstance(status, bool) else 0
+
+
+def _bounded(kind: Callable[[str], Any], low: float, inclusive: bool, what: str) -> Callable[[str], Any]:
+  import argparse
+
+  def parse(text: str):
+    try:
+      value = kind(text)
+    except ValueError:
+      raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
+    if not (value >= low if inclusive else value > low) or value != value:
+      raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}")
+    return value
+  parse.__name__ = what  # argparse names the type in its message
+  return parse
+
+
+# argparse types of numeric flags: a value out of range is refused by argparse (exit 2, one usage line), before
+# any work, instead of failing later (a negative round count, a zero timeout).
+positive_int = _bounded(int, 1, True, "an integer >= 1")
+non_negative_int = _bounded(int, 0, True, "an integer >= 0")
+positive_float = _bounded(float, 0.0, False, "a number > 0")
+non_negative_float = _bounded(float, 0.0, True, "a number >= 0")

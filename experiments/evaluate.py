@@ -15,6 +15,8 @@ import json
 import sys
 from pathlib import Path
 
+from experiments.cli_errors import non_negative_int
+
 
 def main(argv=None) -> int:
   """Exit status: 0 done, 2 refused (not a run directory, no checkpoint, unreadable or empty clips, a bad
@@ -24,7 +26,7 @@ def main(argv=None) -> int:
   p.add_argument("--run", required=True, help="run directory (holds config.json and state/)")
   p.add_argument("--data", required=True, help="folder of clips in the training dataset's layout")
   p.add_argument("--nodes", action="store_true", help="also evaluate every node's model")
-  p.add_argument("--round", type=int, default=None, help="checkpoint round (default: latest)")
+  p.add_argument("--round", type=non_negative_int, default=None, help="checkpoint round (default: latest)")
   args = p.parse_args(argv)
   return guard(lambda: _evaluate(args))
 
@@ -72,6 +74,7 @@ def _evaluate(args: argparse.Namespace) -> int:
 
   data_cfg = dataclasses.replace(cfg.data, dataset_root=args.data)
   clipset = read_dataset(data_cfg)
+  warn_short_clips(clipset, cfg.features.sample_rate)
   feats = features_lib.ast_features(cfg, clipset)
   targets = features_lib.text_targets(cfg, clipset.class_names)
 
@@ -99,6 +102,28 @@ def _evaluate(args: argparse.Namespace) -> int:
   out.write_text(json.dumps(results, indent=2))
   print(f"written {out}")
   return 0
+
+
+def warn_short_clips(clipset, sample_rate: int) -> list[str]:
+  """Warns (one line on stderr) about clips shorter than the front-end's 25 ms window: their features are all
+  padding, so their scores say nothing about the model. Returns the clips named. Unreadable and empty files are
+  left to the feature extraction, which refuses them naming each."""
+  import soundfile as sf
+  from a2v_jax.data.fbank import frame_params
+  frame = frame_params(sample_rate)[0]
+  short = []
+  for clip in clipset.clips:
+    try:
+      info = sf.info(str(clip.path))
+    except Exception:  # reported by the feature extraction
+      continue
+    if 0 < info.frames * sample_rate / info.samplerate < frame:
+      short.append(f"{Path(clip.path).name} ({info.frames} sample(s) at {info.samplerate} Hz)")
+  if short:
+    print(f"warning: {len(short)} clip(s) shorter than the front-end's 25 ms window ({frame} samples at {sample_rate} "
+          f"Hz) are scored on padding only: {', '.join(short[:5])}" + (" ..." if len(short) > 5 else ""),
+          file=sys.stderr)
+  return short
 
 
 if __name__ == "__main__":

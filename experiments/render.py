@@ -2,8 +2,9 @@
 
 Renders embeddings checkpoints (ours or the reference's .pt) to PNGs, per-class contact sheets
 and a render_summary.json. Exit status: 0 all rendered, 2 stopped by an error (bad arguments,
-no matching file, protected output dir, a bad file with --on_error stop, a full disk: one message,
-no traceback, as every CLI of the project), 3 finished but some files were skipped.
+no matching file, protected output dir, a bad file with --on_error stop, no file renderable (then no
+render_summary.json is written), a full disk: one message, no traceback, as every CLI of the project), 3
+finished but some files were skipped.
 """
 
 from __future__ import annotations
@@ -11,6 +12,8 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+
+from experiments.cli_errors import non_negative_float, non_negative_int, positive_int
 
 
 def main(argv=None) -> int:
@@ -30,18 +33,18 @@ def main(argv=None) -> int:
   p.add_argument("--tiny_dir", default=None,
                  help="folder of the tiny backbones (default: checkpoints/backbones)")
   p.add_argument("--scheduler", choices=("ddim", "pndm", "euler"), help="SD only (default: the model's)")
-  p.add_argument("--batch_size", type=int, default=1)
+  p.add_argument("--batch_size", type=positive_int, default=1)
   p.add_argument("--dtype", choices=("auto", "float32", "bfloat16", "float16"), default="auto",
                  help="auto: bfloat16 on accelerators, float32 on CPU")
-  p.add_argument("--decode_batch_size", type=int, default=None,
+  p.add_argument("--decode_batch_size", type=positive_int, default=None,
                  help="SD only: VAE-decode this many images at a time (default: the whole batch)")
   p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, gpu, ... (default: auto)")
-  p.add_argument("--num_inference_steps", type=int, default=out.num_inference_steps)
-  p.add_argument("--guidance_scale", type=float, default=out.guidance_scale)
-  p.add_argument("--seed", type=int, default=0, help="image i of a file uses seed + i")
-  p.add_argument("--height", type=int, default=None, help="default: the model's native size")
-  p.add_argument("--width", type=int, default=None, help="default: the model's native size")
-  p.add_argument("--clear_cache_every", type=int, default=0, help="free accelerator caches every N batches")
+  p.add_argument("--num_inference_steps", type=positive_int, default=out.num_inference_steps)
+  p.add_argument("--guidance_scale", type=non_negative_float, default=out.guidance_scale)
+  p.add_argument("--seed", type=non_negative_int, default=0, help="image i of a file uses seed + i")
+  p.add_argument("--height", type=positive_int, default=None, help="default: the model's native size")
+  p.add_argument("--width", type=positive_int, default=None, help="default: the model's native size")
+  p.add_argument("--clear_cache_every", type=non_negative_int, default=0, help="free accelerator caches every N batches")
   p.add_argument("--on_error", choices=("skip", "stop"), default="skip",
                  help="what a missing/corrupt/mismatched file does")
   p.add_argument("--no_contact_sheets", action="store_true")

@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from experiments.cli_errors import is_project_error, report
+from experiments.cli_errors import is_project_error, non_negative_int, positive_float, positive_int, report
 
 
 def _join(args: argparse.Namespace) -> None:
@@ -51,9 +51,9 @@ def main(argv=None) -> int:
   p.add_argument("--coordinator", metavar="HOST:PORT|auto",
                  help="train with several processes (hosts): process 0's address, the same for every process "
                       "(its port and the next one are used), or 'auto' under SLURM / Open MPI / on a TPU pod")
-  p.add_argument("--num-processes", type=int, metavar="N", help="processes in the job (with --coordinator HOST:PORT)")
-  p.add_argument("--process-id", type=int, metavar="I", help="this process, 0..N-1 (with --coordinator HOST:PORT)")
-  p.add_argument("--init-timeout", type=float, default=120.0, metavar="SECONDS",
+  p.add_argument("--num-processes", type=positive_int, metavar="N", help="processes in the job (with --coordinator HOST:PORT)")
+  p.add_argument("--process-id", type=non_negative_int, metavar="I", help="this process, 0..N-1 (with --coordinator HOST:PORT)")
+  p.add_argument("--init-timeout", type=positive_float, default=120.0, metavar="SECONDS",
                  help="how long the processes wait for each other at start-up (default 120)")
   args = p.parse_args(argv)
   if args.coordinator not in (None, "auto") and (args.num_processes is None or args.process_id is None):

@@ -54,6 +54,7 @@ from experiments.scalestudy.timing import largest_clients, study, time_point  # 
 from experiments.scalestudy.workload import (REFERENCE_PRESET, REFERENCE_SHAPES, Data, Workload,  # noqa: E402,F401
                                              cpu_threads, dense_shapes, forward_flops_per_sample, replicated_init,
                                              round_data, synthetic_data, train_flops_per_round, workload_dims)
+from experiments.cli_errors import non_negative_int, positive_float, positive_int  # noqa: E402
 
 # glibc returns every large buffer to the kernel when it is freed, so each round of the JAX program
 # page-faults its ~GB of XLA temporaries in again (measured: 480 k minor faults and 0.9 s of system
@@ -87,20 +88,20 @@ def parse_args(argv=None) -> argparse.Namespace:
   p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override")
   p.add_argument("--clients", type=client_counts, default=client_counts("1,10,100,1000"),
                  help="comma-separated client counts")
-  p.add_argument("--rounds", type=int, default=3)
-  p.add_argument("--warmup", type=int, default=1)
-  p.add_argument("--samples-per-client", type=int, default=None, help="default: local steps x batch size")
-  p.add_argument("--local-steps", type=int, default=2, help="steps per epoch when --samples-per-client is unset")
-  p.add_argument("--batch-size", type=int, default=None, help="default: the config's")
-  p.add_argument("--epochs", type=int, default=None, help="local epochs; default: the config's")
-  p.add_argument("--tokens", type=int, default=None, help="default: the config's AST length")
-  p.add_argument("--feature-dim", type=int, default=None, help="default: the config's AST width")
+  p.add_argument("--rounds", type=positive_int, default=3)
+  p.add_argument("--warmup", type=non_negative_int, default=1)
+  p.add_argument("--samples-per-client", type=positive_int, default=None, help="default: local steps x batch size")
+  p.add_argument("--local-steps", type=positive_int, default=2, help="steps per epoch when --samples-per-client is unset")
+  p.add_argument("--batch-size", type=positive_int, default=None, help="default: the config's")
+  p.add_argument("--epochs", type=positive_int, default=None, help="local epochs; default: the config's")
+  p.add_argument("--tokens", type=positive_int, default=None, help="default: the config's AST length")
+  p.add_argument("--feature-dim", type=positive_int, default=None, help="default: the config's AST width")
   p.add_argument("--preset", choices=["config", "reference"], default="config",
                  help="reference: the reference's head widths and shapes (768 -> clip 768, t5 17x4096)")
   p.add_argument("--baseline", choices=["torch", "none", "both"], default="torch")
-  p.add_argument("--memory-budget-gb", type=float, default=None, help="default: 90%% of what is available")
-  p.add_argument("--chunk", type=int, default=None, help="client_chunk_size (default: the plan's choice)")
-  p.add_argument("--largest-within-gb", type=float, default=None,
+  p.add_argument("--memory-budget-gb", type=positive_float, default=None, help="default: 90%% of what is available")
+  p.add_argument("--chunk", type=positive_int, default=None, help="client_chunk_size (default: the plan's choice)")
+  p.add_argument("--largest-within-gb", type=positive_float, default=None,
                  help="only report the largest client count whose compiled round fits this many GiB")
   p.add_argument("--yardstick", action="store_true", help="time a 2048^3 matmul and plain dots of the step's shapes between the rounds")
   p.add_argument("--system-allocator", action="store_true",

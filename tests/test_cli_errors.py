@@ -102,3 +102,56 @@ def test_benchmarks_with_an_unknown_case_or_no_study(tmp_path, capsys):
   _refused(capsys, summarize.cli([str(tmp_path)]), f"no scaling.jsonl in {tmp_path}")
   (tmp_path / "scaling.jsonl").write_text("{not json\n")
   _refused(capsys, summarize.cli([str(tmp_path)]), "is not a scaling study's output")
+
+
+def test_evaluate_warns_on_clips_shorter_than_the_window(tmp_path, capsys):
+  import numpy as np
+  import soundfile as sf
+  from a2v_jax.data.records import Clip, ClipSet
+  from experiments.evaluate import warn_short_clips
+  paths = {}
+  for name, n in (("one", 1), ("three", 3), ("window", 200), ("long", 4000)):  # at 8 kHz: 200 = 25 ms
+    paths[name] = tmp_path / f"{name}.wav"
+    sf.write(paths[name], np.zeros(n, np.float32), 8000)
+  clips = tuple(Clip(path=str(p), label=0, group="g", clip_id=k, split="test") for k, p in paths.items())
+  short = warn_short_clips(ClipSet("x", ("zero",), clips), 16000)
+  assert [s.split(" ")[0] for s in short] == ["one.wav", "three.wav"]
+  err = capsys.readouterr().err
+  assert err.count("\n") == 1 and "2 clip(s) shorter than the front-end's 25 ms window (400 samples at 16000 Hz)" in err
+
+
+def _usage_refused(capsys, call, flag):
+  """argparse's refusal of a numeric flag out of range: exit 2, its usage and one error line naming the flag."""
+  with pytest.raises(SystemExit) as e:
+    call()
+  err = capsys.readouterr().err
+  assert e.value.code == 2 and "Traceback" not in err
+  assert f"error: argument {flag}: expected" in err.strip().splitlines()[-1], err
+
+
+def test_every_cli_refuses_values_that_could_only_fail_later(tmp_path, capsys):
+  """Values that used to fail after minutes of work (or never) are refused before anything is written."""
+  from benchmarks import bench_round, kill_resume, profile_round
+  from experiments import evaluate, render, run, scaling
+  out = f'output_dir="{tmp_path / "runs"}"'
+  for bad, key in (("checkpoint_frequency=0", "checkpoint_frequency"), ("clip_adapter_learning_rate=-0.001",
+                   "clip_adapter_learning_rate"), ("server_learning_rate=0", "server_learning_rate"),
+                   ("generator_checkpoint_frequency=0", "generator_checkpoint_frequency"), ("eval_gap=-1", "eval_gap")):
+    _refused(capsys, run.main(["--config", "experiments/configs/fsdd_tiny.json", "--quiet", "--set", out, "--set", bad]),
+             f"config key '{key}' must be")
+  a_file = tmp_path / "a_file"
+  a_file.write_text("not a folder")
+  _refused(capsys, run.main(["--config", "experiments/configs/fsdd_tiny.json", "--quiet",
+                             "--set", f'output_dir="{a_file}/runs"']),
+           f"config key 'output_dir' is '{a_file}/runs', but {a_file} is a file, not a folder")
+  assert not (tmp_path / "runs").exists() and a_file.read_text() == "not a folder"
+  _usage_refused(capsys, lambda: scaling.cli(["--rounds", "-1"]), "--rounds")
+  _usage_refused(capsys, lambda: kill_resume.main(["--rounds", "0", "--out", str(tmp_path / "k")]), "--rounds")
+  _usage_refused(capsys, lambda: evaluate.main(["--run", str(tmp_path), "--data", str(FSDD), "--round", "-2"]),
+                 "--round")
+  _usage_refused(capsys, lambda: render.main(["--checkpoint_dir", str(tmp_path), "--output_dir", str(tmp_path / "o"),
+                                              "--batch_size", "0"]), "--batch_size")
+  _usage_refused(capsys, lambda: bench_round.cli(["--rounds", "0"]), "--rounds")
+  _usage_refused(capsys, lambda: profile_round.cli(["--clients", "0"]), "--clients")
+  _usage_refused(capsys, lambda: run.main(["--init-timeout", "0", "--coordinator", "auto"]), "--init-timeout")
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["a_file"]

@@ -157,3 +157,70 @@ def test_sampled_round_averages_the_sampled_clients_only_and_resamples():
       np.testing.assert_allclose(g, np.mean(per, axis=0), rtol=1e-4, atol=1e-5)
     server, clients = new_server, new_clients
   assert len({mask.tobytes() for mask in masks}) > 1, masks
+
+
+def test_learning_rate_schedule_over_rounds_equals_an_independent_adamw():
+  """Cosine decay over rounds x local epochs, applied at epoch index round * local_epochs + e: one client
+  (centralised: the server takes its model), one batch per epoch, so the run is a plain AdamW whose rate
+  follows optax's step count. A schedule one epoch (or one round) ahead or behind fails this test."""
+  import optax
+  from a2v_jax.federated.local import branch_losses
+  rounds, epochs, lr = 3, 2, 3e-2
+  cfg, alg, shared, data, lay = _setup("centralised", [
+      "batch_size=64", f"local_epochs={epochs}", f"global_rounds={rounds}", 'learning_rate_decay="cosine"',
+      f"clip_adapter_learning_rate={lr}", f"t5_adapter_learning_rate={lr}", 'local_drift_correction="none"'])
+  assert lay.steps == 1
+  server, clients = alg.init(jax.random.PRNGKey(3))
+  round_fn = jax.jit(alg.round)
+  for _ in range(rounds):
+    server, clients, _ = round_fn(server, clients, data, shared)
+
+  heads = make_heads(cfg, {b: t.shape[1:] for b, t in shared.targets.items()})
+  rows = np.asarray(data.idx[0, :int(data.count[0])])
+  x, labels = shared.features[rows], shared.labels[rows]
+  y = {b: t[labels] for b, t in shared.targets.items()}
+
+  def loss(p):
+    return sum(branch_losses(heads.apply({"params": p}, x), y, jnp.ones(len(rows)), 0.0).values())
+  grad = jax.jit(jax.grad(loss))
+
+  def independent(shift):
+    total = rounds * epochs
+    sched = lambda count: lr * (1 + jnp.cos(jnp.pi * (count + shift) / total)) / 2
+    tx = optax.multi_transform({b: optax.adamw(sched, weight_decay=getattr(cfg.train, f"{b}_adapter_weight_decay"))
+                                for b in cfg.branches}, lambda p: {k: k for k in p})
+    p, state = init_params, tx.init(init_params)
+    for _ in range(total):
+      updates, state = tx.update(grad(p), state, p)
+      p = optax.apply_updates(p, updates)
+    return p
+
+  init_params = alg.init(jax.random.PRNGKey(3))[0].params  # round 1 broadcasts the server's init to the client
+  close = lambda a, b: all(np.allclose(u, v, rtol=2e-3, atol=2e-5) for u, v in
+                           zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+  assert close(server.params, independent(0))
+  assert not close(server.params, independent(epochs))  # one round ahead
+  assert not close(server.params, independent(-1))      # one epoch behind
+
+
+def test_sampled_sample_weighted_fedavg_equals_numpy():
+  """join_ratio 0.67 with 'weighted': the sampled clients (the round's ``participate``) train from the server
+  model, and the new server model is their count-weighted mean (numpy, float64); the others keep their state."""
+  cfg, alg, shared, data, lay = _setup("weighted", ["join_ratio=0.67"])
+  server, clients = alg.init(jax.random.PRNGKey(5))
+  new_server, new_clients, m = jax.jit(alg.round)(server, clients, data, shared)
+  part = np.asarray(m["participate"])
+  assert part.sum() == 2
+  counts = np.asarray(lay.train_count, np.float64)
+  trained = {}
+  for c in np.flatnonzero(part):
+    client = jax.tree.map(lambda x: x[c], clients).replace(params=server.params)
+    trained[c], _ = jax.jit(alg.local_train)(client, data.idx[c], data.count[c], jnp.int32(0), shared)
+  for g, *per in zip(jax.tree.leaves(new_server.params), *[jax.tree.leaves(trained[c].params) for c in trained]):
+    w = counts[list(trained)]
+    expected = sum(wi * np.asarray(p, np.float64) for wi, p in zip(w, per)) / w.sum()
+    np.testing.assert_allclose(g, expected, rtol=1e-4, atol=1e-5)
+  for c in np.flatnonzero(~part):  # an unsampled client is untouched
+    for a, b in zip(jax.tree.leaves(jax.tree.map(lambda x: x[c], new_clients.params)),
+                    jax.tree.leaves(jax.tree.map(lambda x: x[c], clients.params))):
+      np.testing.assert_array_equal(a, b)

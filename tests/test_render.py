@@ -257,3 +257,12 @@ def test_cli_sd_default_tiny_model(tmp_path, capsys):
   assert "needs (N, L, d)" in summary["skipped"][0]["reason"]
   assert len(list((out / path.stem).glob("node_0_r2_*.png"))) == 3
   assert (tmp_path / "tiny" / "sd" / tiny_diffusion.MARKER).is_file()
+  # Nothing renderable: exit 2 with one line, no summary, no output folder left behind.
+  bad = tmp_path / "bad"
+  _write(bad, 1, 2, 1, diffusion_type="flux")
+  capsys.readouterr()
+  code = main(["--checkpoint_dir", str(bad), "--output_dir", str(tmp_path / "out2"), "--diffusion_type", "sd",
+               "--tiny_dir", str(tmp_path / "tiny"), "--num_inference_steps", "1", "--no_progress"])
+  err = capsys.readouterr().err
+  assert code == 2 and "none of the 1 embeddings file(s) could be rendered" in err and "Traceback" not in err
+  assert not (tmp_path / "out2").exists()

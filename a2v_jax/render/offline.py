@@ -362,6 +362,7 @@ def render_checkpoints(paths: Sequence[str | Path], opts: RenderOptions) -> Rend
   """
   from tqdm.auto import tqdm
   out_root = Path(opts.output_dir)
+  created = not out_root.exists()
   _prepare_output_dir(out_root, opts.overwrite)
   summary = RenderSummary()
   t0 = time.perf_counter()
@@ -378,7 +379,10 @@ def render_checkpoints(paths: Sequence[str | Path], opts: RenderOptions) -> Rend
     summary.skipped.append({"path": str(path), "reason": reason})
     log.warning("skipping %s: %s", path, reason)
     if opts.on_error == "stop":
-      _write_summary(out_root, summary)
+      if summary.files:  # what was rendered before the bad file stays described
+        _write_summary(out_root, summary)
+      else:
+        _drop_if_empty(out_root, created)
       raise RenderError(f"{path}: {reason}")
 
   try:
@@ -416,10 +420,21 @@ def render_checkpoints(paths: Sequence[str | Path], opts: RenderOptions) -> Rend
       log.info("%s: %d image(s) in %.2f s -> %s", path, len(pngs), dt, out_dir)
   finally:
     pbar.close()
+  if not summary.files and summary.skipped:  # nothing could be rendered: an error, not a result to summarise
+    _drop_if_empty(out_root, created)
+    reasons = "; ".join(f"{s['path']}: {s['reason']}" for s in summary.skipped[:3])
+    more = f" (and {len(summary.skipped) - 3} more)" if len(summary.skipped) > 3 else ""
+    raise RenderError(f"none of the {len(summary.skipped)} embeddings file(s) could be rendered: {reasons}{more}")
   if opts.clip_model_dir and rendered:
     _score(summary, rendered, opts.clip_model_dir, opts.device)
   _write_summary(out_root, summary)
   return summary
+
+
+def _drop_if_empty(out_root: Path, created: bool) -> None:
+  """Removes the output folder this run created when nothing went into it (a failed run leaves no trace)."""
+  if created and out_root.is_dir() and not any(out_root.iterdir()):
+    out_root.rmdir()
 
 
 def _write_summary(out_root: Path, summary: RenderSummary) -> None:

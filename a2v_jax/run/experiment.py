@@ -11,11 +11,13 @@ from typing import Any, Optional
 
 from a2v_jax.config import Config
 from a2v_jax.run import generate, trainer
+from a2v_jax.run.log import check_output_folders
 
 
 def run_experiment(cfg: Config, *, resume: bool = False, verbose: bool = True,
                    prepared: Optional[trainer.Prepared] = None) -> dict[str, Any]:
   """Runs (or resumes) the experiment ``cfg`` describes; returns its summary (the run's summary.json)."""
+  check_output_folders(cfg)
   if cfg.federation.adapter_load_checkpoint is not None:
     return generate.run_generate(cfg, resume=resume, verbose=verbose, prepared=prepared)
   return trainer.train_and_evaluate(cfg, resume=resume, verbose=verbose, prepared=prepared)

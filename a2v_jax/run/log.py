@@ -28,6 +28,25 @@ def run_dir_for(cfg: Any) -> Path:
   return Path(cfg.experiment.output_dir) / cfg.experiment.name
 
 
+def check_output_folders(cfg: Any) -> None:
+  """Every folder the run will write (run directory, caches, backbones, generator and embedding checkpoints)
+  must be a folder or not exist yet: a config naming a file is refused at start-up, naming the key, instead of
+  failing at the first write (after rounds of training, for a checkpoint folder).
+
+  Raises:
+    RunDirError: a key's path, or a folder above it, is a file.
+  """
+  keys = {"output_dir": cfg.experiment.output_dir, "cache_dir": cfg.features.cache_dir,
+          "tiny_dir": cfg.backbones.tiny_dir, "generator_checkpoint_dir": cfg.generators.generator_checkpoint_dir,
+          "embeddings_checkpoint_dir": cfg.output.embeddings_checkpoint_dir}
+  for key, value in keys.items():
+    path = Path(value)
+    for p in (path, *path.parents):
+      if p.exists() and not p.is_dir():
+        raise RunDirError(f"config key '{key}' is {value!r}, but {p} is a file, not a folder; choose another "
+                          "folder")
+
+
 def train_losses(row: dict[str, Any]) -> tuple[dict[str, dict[str, float]], dict[str, float]]:
   """(heads' train losses {node: {branch: loss}}, generator losses {node: loss}) of a round row.
 
