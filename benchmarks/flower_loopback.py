@@ -21,6 +21,7 @@ import sys
 import time
 from pathlib import Path
 
+from a2v_jax.run import children
 from experiments.cli_errors import non_negative_int, positive_float, positive_int
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -68,7 +69,7 @@ def run(nodes: int, rounds: int, out: Path, *, kill_node: int | None = None, ext
   def start(name: str, args: list[str]) -> subprocess.Popen:
     f = open(out / f"{name}.log", "w")
     logs.append(f)
-    return subprocess.Popen(args, cwd=ROOT, env=env, stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
+    return children.popen(args, cwd=ROOT, env=env, stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
 
   procs = [start("superlink", [_bin("flower-superlink"), "--insecure", "--host", "127.0.0.1", "--port", str(port),
                                "--database", str(out / "link.db"), "--disable-runtime-dependency-installation"])]

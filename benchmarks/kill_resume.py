@@ -23,6 +23,7 @@ import sys
 import time
 from pathlib import Path
 
+from a2v_jax.run import children
 from experiments.cli_errors import non_negative_int, positive_int
 
 CONFIG = "experiments/configs/fsdd_tiny.json"
@@ -56,7 +57,7 @@ def kill_once(cmd: list[str], run: Path, during_save: bool, rng: random.Random, 
   """Starts ``cmd``, kills it (SIGKILL) as asked; returns what happened (or that it finished first)."""
   t0 = time.time()
   stale = _saves_in_progress(run)  # left by an earlier kill: not a save of this process
-  p = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+  p = children.popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
   rows0 = len(_rows(run))
   delay = rng.uniform(0.5, 6.0)
   first_row_at = None
@@ -96,7 +97,7 @@ def main(argv=None) -> int:
   work.mkdir(parents=True)
   rng = random.Random(args.seed)
   t0 = time.time()
-  straight = subprocess.run(_cmd(work, "straight", args.rounds, args.seed, False), capture_output=True, text=True)
+  straight = children.run(_cmd(work, "straight", args.rounds, args.seed, False), capture_output=True, text=True)
   if straight.returncode != 0:
     print(straight.stderr[-3000:], file=sys.stderr)
     return 1
@@ -111,7 +112,7 @@ def main(argv=None) -> int:
     print(json.dumps(k))
     if not k["killed"]:
       break
-  final = subprocess.run(_cmd(work, "killed", args.rounds, args.seed, True), capture_output=True, text=True)
+  final = children.run(_cmd(work, "killed", args.rounds, args.seed, True), capture_output=True, text=True)
   a, b = _numbers(_rows(work / "straight")), _numbers(_rows(run))
   sa = json.loads((work / "straight" / "summary.json").read_text())["final"]
   sb = json.loads((run / "summary.json").read_text())["final"] if (run / "summary.json").is_file() else None

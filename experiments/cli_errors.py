@@ -50,8 +50,13 @@ def error_label(e: BaseException) -> str:
 
 
 def report(e: BaseException) -> int:
-  """Prints ``label: message`` on stderr (after what stdout holds); returns the exit status, 2."""
+  """Prints ``label: message`` on stderr (after what stdout holds); returns the exit status: 2, or for a run
+  stopped by a signal after saving its round the shell's status of that signal (143 SIGTERM, 130 SIGINT)."""
+  from a2v_jax.run.stop import Stopped
   sys.stdout.flush()
+  if isinstance(e, Stopped):
+    print(str(e), file=sys.stderr)
+    return e.exit_status
   print(f"{error_label(e)}: {e}", file=sys.stderr)
   return 2
 

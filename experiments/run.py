@@ -37,7 +37,9 @@ def main(argv=None) -> int:
   Start-up problems (config, data, backbones, missing / partial / corrupt / mismatched checkpoints, an
   existing run directory, one another run is writing), a run stopped on purpose (non-finite loss) and a
   full disk print one message on stderr and return 2, without a traceback (``experiments.cli_errors``):
-  the message is the whole story. Unexpected exceptions raise.
+  the message is the whole story. SIGTERM / SIGINT during the rounds finish and checkpoint the round in flight,
+  then the run ends with "stopped by SIGTERM at round R; ... --resume continues" and status 143 (SIGTERM) or
+  130 (SIGINT), every process of a multi-process job at the same round. Unexpected exceptions raise.
   In a multi-process run (``--coordinator``) both end the process at once (``_leave_job``: status 2, or
   1 after the traceback), and a finished run leaves the job together with its peers.
   """
@@ -87,10 +89,10 @@ def main(argv=None) -> int:
       import traceback
       traceback.print_exc()
       _leave_job(1)
-    report(e)
+    status = report(e)
     if joined:
-      _leave_job(2)
-    return 2
+      _leave_job(status)
+    return status
   if joined:
     import jax
     jax.distributed.shutdown()  # a barrier: process 0's coordinator outlives every peer's last step

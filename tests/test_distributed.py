@@ -26,6 +26,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from a2v_jax.federated import distributed  # noqa: E402
+from a2v_jax.run import children  # noqa: E402
 from tests.test_sharding import _problem  # noqa: E402
 
 NUM_CLIENTS, ROUNDS = 8, 2
@@ -111,7 +112,7 @@ def test_two_processes_equal_one_process(tmp_path):
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2", PYTHONPATH=str(ROOT),
              JAX_PLATFORMS="cpu")
   out = tmp_path / "server.npz"
-  procs = [subprocess.Popen([sys.executable, str(Path(__file__).resolve()), "child", f"127.0.0.1:{port}", str(i),
+  procs = [children.popen([sys.executable, str(Path(__file__).resolve()), "child", f"127.0.0.1:{port}", str(i),
                              str(out)], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
            for i in range(2)]
   logs = _outputs(procs, "the two-process job")
@@ -240,7 +241,7 @@ def test_auto_under_slurm_joins_two_processes():
   the 'clients' mesh crosses both processes."""
   job_id = _slurm_job_id()
   base = _without_launchers(dict(os.environ, PYTHONPATH=str(ROOT), JAX_PLATFORMS="cpu", XLA_FLAGS=""))
-  procs = [subprocess.Popen([sys.executable, str(Path(__file__).resolve()), "slurm-child"], cwd=ROOT,
+  procs = [children.popen([sys.executable, str(Path(__file__).resolve()), "slurm-child"], cwd=ROOT,
                             env={**base, **_slurm_env(job_id, i)}, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True) for i in range(2)]
   logs = _outputs(procs, "the simulated SLURM job", timeout_s=120)
@@ -325,7 +326,7 @@ def _cli_args(tmp_path, name: str, rounds: int) -> list[str]:
 def _two_process_cli(tmp_path, args: list[str]) -> list[str]:
   """Runs ``args`` as processes 0 and 1 of one job; returns their outputs (both must exit 0)."""
   port = _free_port()
-  procs = [subprocess.Popen(args + ["--coordinator", f"127.0.0.1:{port}", "--num-processes", "2",
+  procs = [children.popen(args + ["--coordinator", f"127.0.0.1:{port}", "--num-processes", "2",
                                     "--process-id", str(i), "--init-timeout", "60"],
                             cwd=ROOT, env=_cli_env(tmp_path), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True) for i in range(2)]
@@ -398,7 +399,7 @@ def _generator_args(tmp_path, name: str, rounds: int, gens: str, *extra: str) ->
 
 
 def _start_single_cli(tmp_path, args: list[str]) -> subprocess.Popen:
-  return subprocess.Popen(args + ["--quiet"], cwd=ROOT, env=_cli_env(tmp_path), stdout=subprocess.PIPE,
+  return children.popen(args + ["--quiet"], cwd=ROOT, env=_cli_env(tmp_path), stdout=subprocess.PIPE,
                           stderr=subprocess.STDOUT, text=True)
 
 

@@ -9,7 +9,7 @@ import textwrap
 import pytest
 
 from a2v_jax import config
-
+from a2v_jax.run import children
 from a2v_jax.run import lock as run_lock
 from a2v_jax.run.log import RunLog
 from a2v_jax.run.trainer import train_and_evaluate
@@ -30,7 +30,7 @@ HOLD = textwrap.dedent("""
 def _holder(run_dir):
   """A separate process that takes the lock of ``run_dir`` and keeps it until killed."""
   run_dir.mkdir(parents=True, exist_ok=True)
-  p = subprocess.Popen([sys.executable, "-c", HOLD, str(run_dir)], stdout=subprocess.PIPE, text=True,
+  p = children.popen([sys.executable, "-c", HOLD, str(run_dir)], stdout=subprocess.PIPE, text=True,
                        cwd=os.path.dirname(os.path.dirname(__file__)))
   assert p.stdout.readline().strip() == "locked"
   return p

@@ -324,10 +324,12 @@ def train_and_evaluate(cfg: Config, *, resume: bool = False, verbose: bool = Tru
                          [c.clip_id for c in prepared.nodes.clipset.clips], cfg.hash())
   report.append(outputs_stage(cfg, outputs, apply_fn, prepared, host_shared, place))
   run1_extra = generator_runs.run1_extra(cfg, prepared, carry.run1) if carry.run1 is not None else None
-  carry, times = run_rounds(carry, Rounds(train, report, heads_saver(cfg, checkpointer, run1_extra)),
-                            start=start_round, last=cfg.federation.global_rounds, log=log, sink=sink,
-                            verbose=verbose)
-  checkpointer.close()
+  try:
+    carry, times = run_rounds(carry, Rounds(train, report, heads_saver(cfg, checkpointer, run1_extra)),
+                              start=start_round, last=cfg.federation.global_rounds, log=log, sink=sink,
+                              verbose=verbose)
+  finally:
+    checkpointer.close()
   extra: dict[str, Any] = {"compiled_round_programs": round_fn._cache_size(),
                            "mean_round_seconds_after_first": mean_after_first(times),
                            "params_per_node": sum(counts.values())}
@@ -546,8 +548,8 @@ def heads_saver(cfg: Config, checkpointer: ckpt_lib.RoundCheckpointer, run1_extr
   generators and a resume restores both from the same round."""
   g, last = cfg.generators, cfg.federation.global_rounds
 
-  def save(carry: Carry, r: int) -> None:
-    due = r % cfg.federation.checkpoint_frequency == 0 or r == last
+  def save(carry: Carry, r: int, force: bool = False) -> None:
+    due = r % cfg.federation.checkpoint_frequency == 0 or r == last or force
     if carry.run1 is not None:
       due = due or gen_ckpt.should_save(g, r, last)
       if due and g.generator_save_checkpoint:
@@ -578,8 +580,8 @@ def generators_only(cfg: Config, prepared: Prepared, log: RunLog, *, resume: boo
   extra = generator_runs.run1_extra(cfg, prepared, run)
   last = cfg.federation.global_rounds
 
-  def save(run1, r: int) -> None:
-    if gen_ckpt.should_save(g, r, last):
+  def save(run1, r: int, force: bool = False) -> None:
+    if gen_ckpt.should_save(g, r, last) or force:
       gen_ckpt.save_generators(g, run1.state, r, extra=extra)
 
   def train(run1, r: int):
