@@ -249,7 +249,8 @@ class GeneratorConfig:
   server_synthetic_samples_per_class: Optional[Union[int, Literal["auto"]]] = None
   # Run 2: token count of synthetic features (samples of S tokens are stretched by linear
   # interpolation). None = the heads' input token count (the cached features' T, or the T the
-  # generators were trained from when no cache exists); a value must equal that count.
+  # generators were trained from when no cache exists); a value must equal that count. Generators trained on
+  # features of another token count than this run's are refused unless this key asks for that count.
   generator_output_sequence_length: Optional[int] = None
   # Run 2: nodes also train on their real cached train features (false = synthetic only, the
   # train-on-synthetic / test-on-real measurement). Without a feature cache there is nothing real.

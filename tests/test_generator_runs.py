@@ -265,6 +265,13 @@ def test_run2_startup_errors_name_found_and_expected(run1, tmp_path):
     run2(tmp_path, p=synthetic_prepared(dim=10))
   with pytest.raises(gc.GeneratorCheckpointError, match="hidden_dim: checkpoint has 16, expected 32"):
     run2(tmp_path, "generator_hidden_dim=32")
+  # generators of 6-token features in a run whose features have 9: refused unless resampling is asked for
+  nine = dataclasses.replace(prep, features=np.concatenate([prep.features, prep.features[:, :3]], axis=1))
+  with pytest.raises(gc.GeneratorCheckpointError, match=r"trained on features of 6 tokens, this run's cached "
+                                                       r"features have 9 .*'generator_output_sequence_length': 9"):
+    run2(tmp_path, p=nine)
+  train_and_evaluate(_cfg(tmp_path, "r2_resampled", "use_pretrained_generators=true", "global_rounds=1",
+                          "generator_output_sequence_length=9"), verbose=False, prepared=nine)
   with pytest.raises(gc.GeneratorCheckpointError, match=r"nodes: checkpoint has 3, expected 2"):
     run2(tmp_path, p=synthetic_prepared(num_nodes=2))
   with pytest.raises(gc.GeneratorCheckpointError, match=r"(?s)other data.*node_split_seed: checkpoint 42 != config 7"):

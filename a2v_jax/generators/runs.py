@@ -369,6 +369,12 @@ def check_features(cfg: Config, state: gt.GenState, features: Optional[np.ndarra
   if want is not None and want != t:
     raise GeneratorRunError(f"config key 'generator_output_sequence_length' is {want}, but the heads read the cached "
                             f"features' {t} tokens; set it to {t} or null")
+  if spec.source_length != t and want is None:
+    raise gc.GeneratorCheckpointError(
+        f"the generators were trained on features of {spec.source_length} tokens, this run's cached features have "
+        f"{t} (another pooled_tokens / max_length than Run 1's); their samples would have to be resampled to {t} "
+        f"tokens, which is refused unless asked for: set 'generator_output_sequence_length': {t}, or train the "
+        "generators on these features")
   return t
 
 
