@@ -475,7 +475,55 @@ def load(path: str | Path | None, overrides: typing.Sequence[str] = ()) -> Confi
     if "." in key and key.split(".")[0] not in (FIELD_OWNER[name],) + REFERENCE_SECTIONS:
       raise ConfigError(f"--set {key}: '{name}' belongs to section '{FIELD_OWNER[name]}'")
     flat[name] = value
-  return from_dict(flat, where)
+  cfg = from_dict(flat, where)
+  refuse_ignored(cfg, flat)
+  return cfg
+
+
+def _run1(cfg: Config) -> bool:
+  g = cfg.generators
+  return g.use_generator and (g.generator_only_mode or bool(g.generator_training_mode))
+
+
+# Keys that act only in some modes, and why. A user's config (file or --set) that gives one where it would change
+# nothing is refused, naming it: a value that silently does nothing reads as a result that was not measured. (A
+# run's saved config.json holds every key and is not checked: it is read with ``from_dict``.)
+MODE_KEYS: tuple[tuple[tuple[str, ...], Any, str], ...] = (
+    (("kd_training_epochs", "kd_samples_per_class", "kd_learning_rate"),
+     lambda c: c.federation.adapter_aggregation_mode == "kd",
+     "it shapes the server's distillation, which runs only with 'adapter_aggregation_mode': 'kd'"),
+    (("global_model_train_epochs", "global_model_train_learning_rate"), lambda c: c.federation.global_model_train,
+     "it shapes the server's global training, which is off ('global_model_train': false)"),
+    (("generator_training_epochs", "generator_learning_rate", "generator_batch_size", "generator_augmentation",
+      "generator_augmentation_noise"), _run1,
+     "it shapes generator training (Run 1: 'use_generator' with 'generator_training_mode' or 'generator_only_mode'), "
+     "which this run does not do (Run 2 restores trained generators)"),
+)
+
+
+def refuse_ignored(cfg: Config, given: typing.Mapping[str, Any]) -> None:
+  """Refuses keys ``given`` (by the user) that would have no effect in ``cfg``'s mode.
+
+  Raises:
+    ConfigError: naming the key and why it would change nothing.
+  """
+  g = cfg.generators
+  for keys, active, why in MODE_KEYS:
+    for key in keys:
+      if key in given and not active(cfg):
+        raise ConfigError(f"config key '{key}' would change nothing in this run: {why}; drop it")
+  if given.get("generator_training_mode") is False and g.generator_only_mode:
+    raise ConfigError("config key 'generator_training_mode' is false but 'generator_only_mode' trains generators "
+                      "(Run 1: the reference sets both true); set it true or drop it")
+  if given.get("generator_load_checkpoint") is False and g.use_pretrained_generators:
+    raise ConfigError("config key 'generator_load_checkpoint' is false but 'use_pretrained_generators' (Run 2) "
+                      "always restores the generators; set it true or drop it")
+  if given.get("reset_generator_on_class_change"):
+    raise ConfigError(
+        "config key 'reset_generator_on_class_change' would change nothing: a node's classes are fixed for the "
+        "whole run (a resumed Run 1 with other classes is refused), and a node's first visit to a shared generator "
+        "is not a class change, so no generator is ever reset here (the reference re-initialised every class's "
+        "generator before each round, which this project does not do: generators continue across rounds); drop it")
 
 
 def validate(cfg: Config) -> None:

@@ -46,6 +46,14 @@ REFUSED = {
     "global_model_train": ["global_model_train=true"],                # no generators to draw from
     "adapter_load_checkpoint": ['adapter_load_checkpoint="x"'],       # generate needs generators
     "server_synthetic_samples_per_class": ["server_synthetic_samples_per_class=40"],  # no generators
+    # mode keys given where their mode is off (config.MODE_KEYS)
+    **{k: [f"{k}=3"] for k in ("kd_training_epochs", "kd_samples_per_class", "generator_training_epochs",
+                               "generator_batch_size")},
+    **{k: [f"{k}=0.01"] for k in ("kd_learning_rate", "global_model_train_learning_rate", "generator_learning_rate",
+                                  "generator_augmentation_noise")},
+    "global_model_train_epochs": ["global_model_train_epochs=2"],
+    "generator_augmentation": ["generator_augmentation=false"],
+    "reset_generator_on_class_change": ["reset_generator_on_class_change=true"],  # can never fire here
 }
 
 
@@ -79,3 +87,23 @@ def test_keys_are_refused_where_they_would_be_ignored(key):
 def test_the_lists_name_real_fields():
   names = {n for _, n in _fields()}
   assert set(DYNAMIC) | set(DOCUMENTATION) | set(REFUSED) <= names
+
+
+def test_explicit_false_where_the_mode_needs_true_is_refused():
+  run1 = ["use_generator=true", "generator_only_mode=true"]
+  config.load(None, run1)  # generator_training_mode left unset: Run 1
+  with pytest.raises(ConfigError, match="'generator_training_mode' is false but 'generator_only_mode'"):
+    config.load(None, run1 + ["generator_training_mode=false"])
+  run2 = ["use_pretrained_generators=true"]
+  config.load(None, run2 + ["generator_load_checkpoint=true"])
+  with pytest.raises(ConfigError, match="'generator_load_checkpoint' is false but 'use_pretrained_generators'"):
+    config.load(None, run2 + ["generator_load_checkpoint=false"])
+  # the same keys where their mode is on are accepted
+  config.load(None, run1 + ["generator_training_epochs=3", "generator_learning_rate=0.01"])
+  config.load(None, ['adapter_aggregation_mode="kd"', "use_pretrained_generators=true", "kd_training_epochs=3"])
+
+
+def test_a_runs_saved_config_with_every_key_is_read_back():
+  """config.json holds every key (kd_*, generator_* included): reading it back is not a user's choice of keys."""
+  cfg = config.load("experiments/configs/fsdd_tiny.json")
+  assert config.from_dict(cfg.to_dict()) == cfg

@@ -389,7 +389,8 @@ def test_cli_two_processes_equal_one_and_resume(tmp_path):
 # Tiny generators (the sizes tests/test_generator_runs.py uses): one per node and digit, 8 slots.
 # (cogx: one head branch, t5, halves the heads' compile time.)
 GEN_SETTINGS = ['diffusion_type="cogx"', "generator_hidden_dim=16", "generator_latent_dim=4",
-                "generator_training_sequence_length=2", "generator_batch_size=8", "generator_training_epochs=2"]
+                "generator_training_sequence_length=2"]
+GEN_TRAINING = ["generator_batch_size=8", "generator_training_epochs=2"]  # Run 1 only (refused where ignored)
 
 
 def _generator_args(tmp_path, name: str, rounds: int, gens: str, *extra: str) -> list[str]:
@@ -420,7 +421,7 @@ def test_cli_two_processes_generator_runs_equal_one(tmp_path):
   runs = tmp_path / "runs"
 
   # Run 1, one round: process 0 fills the caches, both train the heads (2 nodes each) and the 8 generators.
-  run1 = ["use_generator=true", "generator_training_mode=true"]
+  run1 = ["use_generator=true", "generator_training_mode=true", *GEN_TRAINING]
   _two_process_cli(tmp_path, _generator_args(tmp_path, "run1_job", 1, "job", *run1))
   # Run 2 from the job's generators, two rounds (fresh synthetic rows in round 2) with KD on both. The
   # one-process runs only read the caches and the job's generators: they run beside the Run 2 job.
@@ -469,7 +470,7 @@ def test_generator_only_mode_on_a_second_process_writes_nothing(tmp_path, monkey
   monkeypatch.setattr(jax, "process_count", lambda: 2)
   monkeypatch.setattr(jax, "process_index", lambda: 1)
   monkeypatch.setattr(distributed, "barrier", lambda name, timeout_s: barriers.append(name))
-  cfg = config.load(None, GEN_SETTINGS + ["use_generator=true", "generator_only_mode=true", "global_rounds=2",
+  cfg = config.load(None, GEN_SETTINGS + GEN_TRAINING + ["use_generator=true", "generator_only_mode=true", "global_rounds=2",
                                           "num_nodes=3", f'output_dir="{tmp_path}/runs"',
                                           f'generator_checkpoint_dir="{tmp_path}/gens"'])
   summary = trainer.train_and_evaluate(cfg, verbose=False, prepared=synthetic_prepared())

@@ -24,8 +24,8 @@ from tests.fakes import synthetic_prepared
 
 HEADS = ["local_epochs=1", "batch_size=4", "clip_adapter_hidden=[8]", "t5_adapter_hidden=[8]", "map_heads=2",
          "num_nodes=3"]
-GENS = ["generator_hidden_dim=16", "generator_latent_dim=4", "generator_training_sequence_length=2",
-        "generator_batch_size=8", "generator_training_epochs=2"]
+GENS = ["generator_hidden_dim=16", "generator_latent_dim=4", "generator_training_sequence_length=2"]
+TRAIN_GENS = ["generator_batch_size=8", "generator_training_epochs=2"]  # Run 1 only (refused where ignored)
 PER_CLASS = 3
 
 
@@ -52,7 +52,7 @@ def pipe(tmp_path_factory):
   prep = _prep()
   common = HEADS + GENS + [f'output_dir="{tmp}"', f'generator_checkpoint_dir="{tmp}/gens"']
   train_and_evaluate(config.load(None, common + ['name="run1"', "use_generator=true", "generator_only_mode=true",
-                                                 "global_rounds=1"]), verbose=False, prepared=prep)
+                                                 *TRAIN_GENS, "global_rounds=1"]), verbose=False, prepared=prep)
   train_and_evaluate(config.load(None, common + ['name="heads"', "global_rounds=1", "eval_gap=0"]),
                      verbose=False, prepared=prep)
   heads_before = _listing(tmp / "heads")
@@ -187,7 +187,8 @@ def test_trained_pipeline_embeddings_land_nearest_their_own_class_target(tmp_pat
   prep = synthetic_prepared(seed=3)
   common = HEADS + GENS + [f'output_dir="{tmp_path}"', f'generator_checkpoint_dir="{tmp_path}/gens"']
   train_and_evaluate(config.load(None, common + ['name="run1"', "use_generator=true", "generator_only_mode=true",
-                                                 "global_rounds=3", "generator_training_epochs=20"]),
+                                                 "generator_batch_size=8", "global_rounds=3",
+                                                 "generator_training_epochs=20"]),
                      verbose=False, prepared=prep)
   train_and_evaluate(config.load(None, common + ['name="heads"', "global_rounds=30", "eval_gap=0"]),
                      verbose=False, prepared=prep)

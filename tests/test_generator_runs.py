@@ -27,9 +27,9 @@ from tests.fakes import synthetic_prepared
 
 HEADS = ["local_epochs=1", "batch_size=4", "clip_adapter_hidden=[8]", "t5_adapter_hidden=[8]", "map_heads=2",
          "num_nodes=3"]
-GENS = ["generator_hidden_dim=16", "generator_latent_dim=4", "generator_training_sequence_length=2",
-        "generator_batch_size=8", "generator_training_epochs=2"]
-RUN1 = ["use_generator=true", "generator_only_mode=true"]
+GENS = ["generator_hidden_dim=16", "generator_latent_dim=4", "generator_training_sequence_length=2"]
+TRAIN_GENS = ["generator_batch_size=8", "generator_training_epochs=2"]  # Run 1 only (refused where ignored)
+RUN1 = ["use_generator=true", "generator_only_mode=true", *TRAIN_GENS]
 
 
 def _cfg(tmp, name, *extra, gens="gens"):
@@ -55,7 +55,7 @@ def run1(tmp_path_factory):
   """
   tmp = tmp_path_factory.mktemp("run1")
   prep = synthetic_prepared()
-  cfg = _cfg(tmp, "r1", "use_generator=true", "generator_training_mode=true", "global_rounds=2", "checkpoint_frequency=5",
+  cfg = _cfg(tmp, "r1", "use_generator=true", "generator_training_mode=true", *TRAIN_GENS, "global_rounds=2", "checkpoint_frequency=5",
              "generator_checkpoint_frequency=1", "eval_gap=0", 'diffusion_type="cogx"')
   summary = train_and_evaluate(cfg, verbose=False, prepared=prep)
   return dict(tmp=tmp, prep=prep, cfg=cfg, summary=summary)
