@@ -83,7 +83,7 @@ def test_reference_vegas_avg_maps_keys(tmp_path):
   # One warning per accepted-but-ignored key; comments are silent.
   for key in ("experiment.use_balooning", "experiment.optimize_memory_usage", "federation.num_clients",
               "federation.model_aggregation", "training.weight_decay", "feda2v.images_output_dir",
-              "feda2v.adapters_learning_rate", "feda2v.use_act_loss", "feda2v.global_model_train",
+              "feda2v.adapters_learning_rate", "feda2v.use_act_loss",
               "feda2v.nodes_test_metrics_splits", "model.backbone_model", "dataset.path",
               "feda2v.adapter_save_checkpoint"):
     assert sum(key in w for w in warnings) == 1, (key, warnings)
@@ -273,3 +273,21 @@ def test_vegas_example_has_reference_shape():
   assert (t.clip_adapter_learning_rate, t.clip_adapter_weight_decay) == (1e-3, 0.01)
   assert (t.t5_adapter_learning_rate, t.t5_adapter_weight_decay) == (3e-3, 0.01)
   assert (d.num_nodes, d.partition, d.samples_per_node, cfg.features.max_length) == (10, "class", 400, 1024)
+
+
+def test_reference_run2_server_training_keys_are_translated():
+  """The reference's Run 2 keys (global training, from the nodes' adapters, the output token count) map to what
+  a2v-jax does with them; the epochs are kept only where global training is on."""
+  raw = _vegas_avg(2)
+  raw["feda2v"].update(use_pretrained_generators=True, generator_load_checkpoint=True, global_model_train=True,
+                       global_model_train_from_nodes_adapters=True, global_model_train_epochs=3,
+                       generator_output_sequence_length=1214)
+  flat, warnings, _ = read_reference_config(raw)
+  cfg = config.from_dict(sectioned(flat))
+  f = cfg.federation
+  assert f.global_model_train and f.global_model_train_from_nodes_adapters and f.global_model_train_epochs == 3
+  assert cfg.generators.generator_output_sequence_length == 1214
+  raw["feda2v"].update(global_model_train=False, global_model_train_from_nodes_adapters=False)
+  flat, warnings, _ = read_reference_config(raw)
+  assert "global_model_train_epochs" not in flat
+  assert any("'feda2v.global_model_train_epochs' ignored: server global training is off" in w for w in warnings)

@@ -102,7 +102,6 @@ IGNORED: dict[str, str] = {
     "server_train_metrics_splits": "evaluation splits are fixed",
     "generation_split_for_metrics": "read, unused by fedgfe",
     "global_model_train_inputs": "unused by fedgfe",
-    "global_model_train_epochs": "the server global-training paths are dead code in fedgfe",
     "compute_global_mean_from_class_means": "used only with model_aggregation per_class_average",
     "train_adapters": "only gates fedgfe's evaluate() MSE metrics",
     "generator_validation_frequency": "server unified-generator validation is dead code in fedgfe",
@@ -119,12 +118,11 @@ IGNORED: dict[str, str] = {
 REJECT_IF_TRUE: dict[str, str] = {
     "generate_from_clip_text_embeddings": "rendering from ground-truth CLIP embeddings (an ablation)",
     "generate_from_t5_text_embeddings": "rendering from ground-truth T5 embeddings (an ablation)",
-    "global_model_train": "server global-model training (dead code in fedgfe)",
-    "global_model_train_from_nodes_adapters": "server global-model training (dead code in fedgfe)",
-    "global_model_train_from_generator": "server global-model training (dead code in fedgfe)",
+    "global_model_train_from_generator": "server global-model training from a unified generator (a path fedgfe "
+                                         "never reached; a2v-jax trains the global heads on the nodes' synthetic "
+                                         "features instead: 'global_model_train')",
     "global_model_train_from_nodes_audio_embeddings": "server global-model training (dead code)",
     "adapter_load_checkpoint": "loading per-node adapter files (restore a run directory instead)",
-    "generator_output_sequence_length": "interpolating generator samples to another length",
 }
 REQUIRED: dict[str, tuple[str, ...]] = {
     "algorithm": ("FedA2V",), "optimizer": ("AdamW",), "backbone": ("a2v",),
@@ -197,6 +195,8 @@ def _section_key(flat: dict, extra: dict, warnings: list, section: str, key: str
     flat[key] = str(value)
   elif key in ("adapter_save_checkpoint", "adapter_checkpoint_frequency"):
     extra[key] = value
+  elif key in ("global_model_train_epochs", "global_model_train_learning_rate"):
+    extra[key] = value  # kept only with global_model_train (read_reference_config), as fedgfe read it
   elif key in IGNORED:
     warnings.append(f"'{where}' ignored: {IGNORED[key]}")
   elif key in FIELD_OWNER:
@@ -397,6 +397,12 @@ def read_reference_config(
   elif "adapter_save_checkpoint" in extra or "adapter_checkpoint_frequency" in extra:
     warnings.append("'feda2v.adapter_save_checkpoint'/'adapter_checkpoint_frequency' ignored: the "
                     "server state is checkpointed every checkpoint_frequency rounds")
+  for key in ("global_model_train_epochs", "global_model_train_learning_rate"):
+    if key in extra:
+      if flat.get("global_model_train"):
+        flat[key] = extra.pop(key)
+      else:
+        warnings.append(f"'feda2v.{key}' ignored: server global training is off ('global_model_train' false)")
   _drop_unused_zeros(flat, warnings)
   if flat.get("adapter_aggregation_mode") == "kd":
     warnings.append("fedgfe's KD distilled only the CLIP branch (its T5 stayed at random init); "
