@@ -5,7 +5,9 @@
   round(server, clients, round_data, shared) -> (server, clients, metrics)
 ``round`` is jitted once per configuration: every client's local training is one vmapped call
 (optionally ``client_chunk_size`` clients at a time, in place: ``train_in_chunks``), then FedAvg is a weighted
-mean over the client axis followed by the server optimiser step. The client axis can be sharded
+mean over the client axis followed by the server optimiser step. With ``join_ratio < 1`` a round costs its
+cohort, not its population: the m = round(join_ratio x C) sampled clients' states and data are gathered, only
+they are trained (vmapped over m), aggregated, and scattered back (``cohort_round``). The client axis can be sharded
 over a ``Mesh`` axis named ``'clients'`` (see ``sharding.py``); the code does not change.
 """
 
@@ -48,7 +50,7 @@ def num_participants(cfg: Config, num_clients: int) -> int:
 
 
 def fed_a2v(cfg: Config, apply_fn: Callable, init_fn: Callable, *, steps: int,
-            num_clients: int) -> Algorithm:
+            num_clients: int, cohort: bool = True) -> Algorithm:
   """Builds the FedA2V algorithm for a fixed configuration.
 
   Args:
@@ -57,6 +59,9 @@ def fed_a2v(cfg: Config, apply_fn: Callable, init_fn: Callable, *, steps: int,
     init_fn: ``init_fn(rng) -> params`` of one node's heads.
     steps: local steps per epoch (from the largest client, see ``steps_per_epoch``).
     num_clients: C, the (possibly padded) client count.
+    cohort: with join_ratio < 1, train only the sampled cohort (``cohort_round``); False trains every client,
+      the unsampled ones on zero rows (the full program, kept as the reference the cohort program is tested
+      against).
   """
   tx = optim.client_optimizer(cfg)
   server_tx = optim.server_optimizer(cfg)
@@ -74,13 +79,53 @@ def fed_a2v(cfg: Config, apply_fn: Callable, init_fn: Callable, *, steps: int,
 
   def train_all(clients: ClientState, data: RoundData, epoch0, shared: Shared, server_control):
     fn = over_clients(lambda c, i, n: local_train(c, i, n, epoch0, shared, server_control))
-    if chunk is None or chunk >= num_clients:
+    if chunk is None or chunk >= data.count.shape[0]:
       return fn(clients, data.idx, data.count)
     return train_in_chunks(fn, clients, data, chunk)
+
+  def cohort_round(server: ServerState, clients: ClientState, data: RoundData, shared: Shared):
+    """The round of a sampled cohort: gather the m sampled clients, train them, aggregate, scatter back.
+
+    The same numbers as training every client with zero rows for the others (today's full program, kept for
+    m = C), up to the order of the aggregation's float sums: a sampled client without rows keeps its state and
+    key, an unsampled one is untouched, the weights and SCAFFOLD's |S|/N scaling are the full program's.
+    """
+    rng, chosen = sample_cohort(server.rng, num_clients, m)
+    cohort = jnp.sort(chosen)
+    participate = jnp.zeros((num_clients,), bool).at[cohort].set(True) & (data.count > 0)
+    part = participate[cohort]
+    sub = jax.tree.map(lambda x: x[cohort], clients)
+    sub_data = RoundData(data.idx[cohort], data.count[cohort])
+    if mode in BROADCAST_MODES:
+      sub = sub.replace(params=aggregate.select(part, aggregate.broadcast(server.params, m), sub.params))
+    old_rng, old_control = sub.rng, sub.control
+    epoch0 = server.round * cfg.train.local_epochs
+    trained, sub_metrics = train_all(sub, sub_data._replace(count=sub_data.count * part), epoch0, shared,
+                                     server.control)
+    trained = trained.replace(rng=aggregate.select(part, trained.rng, old_rng))
+    clients = jax.tree.map(lambda full, new: full.at[cohort].set(new), clients, trained)
+    control = server.control
+    if scaffold:  # c += |S| / N * mean_S(c_i+ - c_i), N = the clients with rows
+      holders = jnp.maximum((data.count > 0).sum().astype(jnp.float32), 1.0)
+      w = (sub_data.count > 0).astype(jnp.float32)
+      delta = jax.tree.map(lambda n, o: (jnp.tensordot(w, (n - o).astype(jnp.float32), axes=(0, 0)) / holders
+                                         ).astype(n.dtype), trained.control, old_control)
+      control = jax.tree.map(jnp.add, control, delta)
+    mean = aggregate.weighted_mean(trained.params, aggregate.client_weights(mode, sub_data.count, part))
+    if mode in BROADCAST_MODES:
+      params, opt_state = server_update(server_tx, server, mean)
+    else:
+      params, opt_state = mean, server.opt_state
+    server = server.replace(params=params, opt_state=opt_state, round=server.round + 1, rng=rng, control=control)
+    metrics = {k: jnp.zeros((num_clients,) + v.shape[1:], v.dtype).at[cohort].set(v) for k, v in sub_metrics.items()}
+    metrics["participate"] = participate
+    return server, clients, metrics
 
   def round_fn(server: ServerState, clients: ClientState, data: RoundData, shared: Shared):
     chex.assert_axis_dimension(data.idx, 0, num_clients)
     chex.assert_axis_dimension(data.count, 0, num_clients)
+    if cohort and m < num_clients:
+      return cohort_round(server, clients, data, shared)
     rng, participate = sample_participants(server.rng, num_clients, m, data.count)
     if mode in BROADCAST_MODES:
       global_params = aggregate.broadcast(server.params, num_clients)
@@ -135,15 +180,21 @@ def init_server(cfg: Config, init_fn: Callable, server_tx: optax.GradientTransfo
                      control=initial_control(cfg, params))
 
 
+def sample_cohort(rng: jax.Array, num_clients: int, m: int) -> tuple[jax.Array, jax.Array]:
+  """(the server's next key, (m,) the sampled clients): ``m < num_clients`` drawn without replacement."""
+  rng, pick_key = jax.random.split(rng)
+  return rng, jax.random.permutation(pick_key, num_clients)[:m]
+
+
 def sample_participants(rng: jax.Array, num_clients: int, m: int, count: jax.Array) -> tuple[jax.Array, jax.Array]:
   """(the server's next key, (C,) participation): ``m`` of ``num_clients`` drawn without replacement (all
   when ``m >= num_clients``), never a client without training rows. Shared with deployed servers
   (``deploy/server.py``), so a deployment samples the same nodes as the simulation."""
-  rng, pick_key = jax.random.split(rng)
   if m < num_clients:
-    chosen = jax.random.permutation(pick_key, num_clients)[:m]
+    rng, chosen = sample_cohort(rng, num_clients, m)
     participate = jnp.zeros((num_clients,), bool).at[chosen].set(True)
   else:
+    rng, _ = jax.random.split(rng)
     participate = jnp.ones((num_clients,), bool)
   return rng, participate & (count > 0)
 
