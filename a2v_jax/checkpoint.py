@@ -246,13 +246,14 @@ class RoundCheckpointer:
       CheckpointError: the newest intact round belongs to another config or shapes.
     """
     damaged = []
-    while (step := self.latest_round()) is not None:
+    for step in sorted(self.manager.all_steps(), reverse=True):
       try:
         return self.restore(abstract_state, config, step)
       except CorruptCheckpointError as e:
-        aside = self.set_aside(step)
         damaged.append(step)
-        say(f"{e}; moved aside to {aside}; trying the round before")
+        if jax.process_index() == 0:  # every process finds the same damage; one moves it
+          aside = self.set_aside(step)
+          say(f"{e}; moved aside to {aside}; trying the round before")
     if damaged:
       raise CorruptCheckpointError(
           f"no intact checkpoint under {self.directory}: round(s) {damaged} are damaged (moved aside to "
