@@ -124,6 +124,23 @@ def unreadable(where: str, e: BaseException) -> CorruptCheckpointError:
   return CorruptCheckpointError(f"{where} is corrupt{named}: {_first_line(e)}")
 
 
+def restore_verified(manager: Any, step: int, where: str) -> tuple[Any, dict]:
+  """(state, meta) of round ``step`` of an orbax manager holding ``state`` and ``meta`` items, restored as plain
+  dicts (no target tree: evaluate, generate) and checked against the checksums recorded at save.
+
+  Raises:
+    CorruptCheckpointError: the round's files cannot be read or its arrays differ from what was saved.
+  """
+  try:
+    restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(),
+                                                             meta=ocp.args.JsonRestore()))
+  except Exception as e:
+    raise unreadable(where, e) from e
+  meta = restored["meta"] or {}
+  verify_checksums(restored["state"], meta, where)
+  return restored["state"], meta
+
+
 def _flat_config(d: dict, prefix: str = "") -> dict[str, Any]:
   out = {}
   for k, v in d.items():

@@ -63,14 +63,7 @@ def _evaluate(args: argparse.Namespace) -> int:
   if step not in manager.all_steps():
     raise UsageError(f"no checkpoint of round {step} under {run / 'state'} (rounds kept: "
                      f"{sorted(manager.all_steps())})")
-  where = f"checkpoint round {step} under {run / 'state'}"
-  try:
-    restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(),
-                                                             meta=ocp.args.JsonRestore()))
-  except Exception as e:
-    raise ckpt_lib.unreadable(where, e) from e
-  state = restored["state"]
-  ckpt_lib.verify_checksums(state, restored["meta"] or {}, where)
+  state, _ = ckpt_lib.restore_verified(manager, step, f"checkpoint round {step} under {run / 'state'}")
 
   data_cfg = dataclasses.replace(cfg.data, dataset_root=args.data)
   clipset = read_dataset(data_cfg)

@@ -206,23 +206,15 @@ def restore_heads(run: HeadsRun) -> tuple[Params, Params]:
   """(server params, client params with the leading client axis) of the run's checkpoint, as numpy.
 
   Raises:
-    GenerateError: the arrays cannot be read.
+    GenerateError: the arrays cannot be read, or differ from what was saved.
   """
-  import orbax.checkpoint as ocp
   mgr = _manager(run.path / "state")
-  where = f"heads checkpoint round {run.round} under {run.path}/state"
   try:
-    restored = mgr.restore(run.round, args=ocp.args.Composite(state=ocp.args.StandardRestore(),
-                                                              meta=ocp.args.JsonRestore()))
-  except Exception as e:
-    raise GenerateError(str(ckpt_lib.unreadable(where, e))) from e
-  finally:
-    mgr.close()
-  state = restored["state"]
-  try:
-    ckpt_lib.verify_checksums(state, restored["meta"] or {}, where)
+    state, _ = ckpt_lib.restore_verified(mgr, run.round, f"heads checkpoint round {run.round} under {run.path}/state")
   except ckpt_lib.CheckpointError as e:
     raise GenerateError(str(e)) from e
+  finally:
+    mgr.close()
   return jax.tree.map(np.asarray, (state["server"]["params"], state["clients"]["params"]))
 
 
