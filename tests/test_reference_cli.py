@@ -91,3 +91,52 @@ def test_translated_run1_keeps_its_generators_and_its_embeddings(tmp_path, capsy
   names = sorted(p.name for p in emb.rglob("*.safetensors"))
   for r in (1, 2):
     assert f"server_embeddings_r{r}.safetensors" in names, names
+
+
+def test_reference_sbatch_pipelines_run_one_after_another(tmp_path, capsys, monkeypatch):
+  """The reference's sbatch pipelines (spec 5.7), as files shaped like its JSONs: train generators -> train
+  adapters -> generate, and train generators -> kd. The adapter and generator checkpoint keys link the files
+  as they did in fedgfe; each step reads what the one before it wrote."""
+  _vegas_tree(tmp_path)
+  monkeypatch.chdir(tmp_path)  # run directories at their default place (checkpoints/runs), here
+  gens, adapters = str(tmp_path / "ckpt" / "generators"), str(tmp_path / "ckpt" / "adapters")
+  gen_keys = {"generator_checkpoint_dir": gens, "generator_checkpoint_base_name": "vae_perclass",
+              "generator_granularity": "per_class", "generator_type": "vae", "generator_training_sequence_length": 2}
+  ad_keys = {"adapter_checkpoint_dir": adapters, "adapter_checkpoint_base_name": "vegas_sa"}
+  steps = {
+      "train_generator": ({"use_generator": True, "generator_training_mode": True, "generator_only_mode": True,
+                           "generator_training_epochs": 1, "generator_checkpoint_freq": 1, **gen_keys}, 2),
+      "train_adapters": ({"adapter_aggregation_mode": "none", "adapter_save_checkpoint": True,
+                          "adapter_checkpoint_frequency": 1, **ad_keys}, 2),
+      "generate": ({"adapter_aggregation_mode": "none", "adapter_load_checkpoint": True, "use_generator": True,
+                    "generator_load_checkpoint": True, "synthetic_samples_per_class": 2,
+                    "generate_embeddings_only": True, **ad_keys, **gen_keys}, 1),
+      "kd": ({"adapter_aggregation_mode": "kd", "use_generator": True, "generator_load_checkpoint": True,
+              "kd_training_epochs": 1, "kd_samples_per_class": 2, **gen_keys}, 2),
+  }
+  common = ["--quiet"]
+  for kv in [f'dataset_root="{tmp_path}"', f'tiny_dir="{tmp_path / "bb"}"',
+             f'cache_dir="{tmp_path / "cache"}"', 'ast_model="tiny"', 'clip_text_model="tiny"', 't5_model="tiny"',
+             "clip_adapter_hidden=[8]", "t5_adapter_hidden=[8]", "map_heads=2", "generator_hidden_dim=8",
+             "generator_latent_dim=4", "generator_batch_size=4", "max_length=128"]:
+    common += ["--set", kv]
+  for name, (feda2v, rounds) in steps.items():
+    _reference_json(tmp_path / f"{name}.json")
+    ref = json.loads((tmp_path / f"{name}.json").read_text())
+    ref["feda2v"] = feda2v
+    ref["federation"]["global_rounds"] = rounds
+    ref["experiment"]["name"] = name
+    (tmp_path / f"{name}.json").write_text(json.dumps(ref))
+    assert main(["--config", str(tmp_path / f"{name}.json"), *common]) == 0, (name, capsys.readouterr().err)
+    err = capsys.readouterr().err
+    if name == "train_adapters":
+      assert f"this run's directory is {adapters}/vegas_sa" in err
+  gen_rounds = sorted(p.name for p in (tmp_path / "ckpt" / "generators" / "vae_perclass").glob("round_*"))
+  assert gen_rounds[-1] == "round_00002", gen_rounds
+  heads = tmp_path / "ckpt" / "adapters" / "vegas_sa"
+  assert (heads / "summary.json").is_file() and sorted(p.name for p in (heads / "state").iterdir())
+  made = sorted(p.name for p in (tmp_path / "checkpoints" / "runs" / "generate" / "embeddings").glob("*.safetensors"))
+  assert made == ["node_0_embeddings_r2.safetensors", "node_1_embeddings_r2.safetensors"], made
+  kd = [json.loads(line) for line in (tmp_path / "checkpoints" / "runs" / "kd" / "metrics.jsonl").read_text().splitlines()]
+  assert len(kd) == 2 and all(np.isfinite(v) for row in kd for k, v in row.items() if k.startswith("server/kd"))
+  assert any(k.startswith("server/kd") for k in kd[-1]), sorted(kd[-1])

@@ -291,3 +291,43 @@ def test_reference_run2_server_training_keys_are_translated():
   flat, warnings, _ = read_reference_config(raw)
   assert "global_model_train_epochs" not in flat
   assert any("'feda2v.global_model_train_epochs' ignored: server global training is off" in w for w in warnings)
+
+
+def test_reference_adapter_checkpoint_keys_link_a_heads_run_to_its_generate_step():
+  """fedgfe's adapter files lived at {adapter_checkpoint_dir}/{base}_node...: the heads run's directory is
+  that path here, and a loading config (generate) restores it; its Run 2 switch is use_pretrained_generators."""
+  raw = _vegas_avg(2)
+  raw["feda2v"].update(adapter_save_checkpoint=True, adapter_checkpoint_frequency=2,
+                       adapter_checkpoint_base_name="sa")
+  flat, warnings, _ = read_reference_config(raw)
+  assert (flat["output_dir"], flat["name"], flat["checkpoint_frequency"]) == ("checkpoints/adapters/vegas", "sa", 2)
+  assert any("this run's directory is checkpoints/adapters/vegas/sa" in w for w in warnings)
+  raw["feda2v"].update(adapter_load_checkpoint=True, use_generator=True, generator_load_checkpoint=True)
+  flat, warnings, _ = read_reference_config(raw)
+  cfg = config.from_dict(sectioned(flat))
+  assert cfg.federation.adapter_load_checkpoint == "checkpoints/adapters/vegas/sa"
+  assert cfg.generators.use_pretrained_generators and cfg.experiment.name == "federated_a2v_avg"
+  assert any("adapter_save_checkpoint' ignored: a run that loads adapters" in w for w in warnings)
+  raw["feda2v"].update(generator_training_mode=True)
+  with pytest.raises(ConfigError, match="--resume"):
+    read_reference_config(raw)
+
+
+def test_reference_node_generator_keys():
+  """Per-node generator_class_group joins generator_class_groups; generator_train_classes that would leave out
+  one of the node's classes is refused (no longer dropped with a warning)."""
+  raw = _vegas_avg(3)
+  raw["feda2v"].update(generator_granularity="per_group")
+  for i, g in enumerate(("animals", "animals", "machines")):
+    raw["nodes"][str(i)]["generator_class_group"] = g
+    raw["nodes"][str(i)]["generator_train_classes"] = [VEGAS_CLASSES[i], "extra"]
+  flat, _, _ = read_reference_config(raw)
+  groups = config.from_dict(sectioned(flat)).generators.generator_class_groups
+  assert groups == {"animals": list(VEGAS_CLASSES[:2]), "machines": [VEGAS_CLASSES[2]]}
+  raw["feda2v"]["generator_class_groups"] = {"machines": [VEGAS_CLASSES[0]]}
+  with pytest.raises(ConfigError, match="a class belongs to one group"):
+    read_reference_config(raw)
+  del raw["feda2v"]["generator_class_groups"]
+  raw["nodes"]["1"]["generator_train_classes"] = ["extra"]
+  with pytest.raises(ConfigError, match=f"node '1' has generator_train_classes .*{VEGAS_CLASSES[1]}"):
+    read_reference_config(raw)

@@ -24,6 +24,7 @@ split ratios, one-class-per-node layout) are also mapped to ``data`` keys.
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any, Mapping, Optional, Sequence
 
@@ -105,8 +106,6 @@ IGNORED: dict[str, str] = {
     "compute_global_mean_from_class_means": "used only with model_aggregation per_class_average",
     "train_adapters": "only gates fedgfe's evaluate() MSE metrics",
     "generator_validation_frequency": "server unified-generator validation is dead code in fedgfe",
-    "adapter_checkpoint_dir": "checkpoints are written under the run directory",
-    "adapter_checkpoint_base_name": "checkpoints are written under the run directory",
     "adapter_checkpoint_per_type": "checkpoints hold the whole server state",
     "optimize_memory_usage": "memory switch of the PyTorch pipeline",
     "use_balooning": "memory switch of the PyTorch pipeline",
@@ -122,7 +121,6 @@ REJECT_IF_TRUE: dict[str, str] = {
                                          "never reached; a2v-jax trains the global heads on the nodes' synthetic "
                                          "features instead: 'global_model_train')",
     "global_model_train_from_nodes_audio_embeddings": "server global-model training (dead code)",
-    "adapter_load_checkpoint": "loading per-node adapter files (restore a run directory instead)",
 }
 REQUIRED: dict[str, tuple[str, ...]] = {
     "algorithm": ("FedA2V",), "optimizer": ("AdamW",), "backbone": ("a2v",),
@@ -136,8 +134,6 @@ NODE_FIELDS = ("clip_adapter_learning_rate", "clip_adapter_weight_decay", "t5_ad
                "t5_adapter_weight_decay", "use_cls_token_only", "generator_granularity")
 NODE_IGNORED = {
     "adapter_dropout": "unused by fedgfe",
-    "generator_train_classes": "per-node generator classes",
-    "generator_class_group": "per-node generator groups",
     "dataset_split": "loader-injected", "pretext_tasks": "loader-injected",
     "task_type": "loader-injected", "balance_classes": "loader-injected",
     "use_folds": "read but not passed by fedgfe (all folds pooled)",
@@ -193,8 +189,9 @@ def _section_key(flat: dict, extra: dict, warnings: list, section: str, key: str
       flat["generator_checkpoint_base_name"] = Path(value).stem
   elif key == "synthetic_samples_per_class":
     flat[key] = str(value)
-  elif key in ("adapter_save_checkpoint", "adapter_checkpoint_frequency"):
-    extra[key] = value
+  elif key in ("adapter_save_checkpoint", "adapter_checkpoint_frequency", "adapter_load_checkpoint",
+               "adapter_checkpoint_dir", "adapter_checkpoint_base_name"):
+    extra[key] = value  # resolved together in _adapter_checkpoints
   elif key in ("global_model_train_epochs", "global_model_train_learning_rate"):
     extra[key] = value  # kept only with global_model_train (read_reference_config), as fedgfe read it
   elif key in IGNORED:
@@ -315,10 +312,84 @@ def _apply_nodes(flat: dict, warnings: list, nodes: list[dict], dataset_section:
     else:
       warnings.append(f"nodes' '{key}' differ ({[n.get(key) for n in nodes]}); per-node values "
                       f"cannot be expressed, using {flat.get(key, _default(key))!r} for every node")
+  _node_generator_classes(flat, nodes, path)
   for key, why in NODE_IGNORED.items():
     holders = [n["node_id"] for n in nodes if key in n]
     if holders:
       warnings.append(f"node key '{key}' ignored on nodes {', '.join(holders)}: {why}")
+
+
+def _adapter_checkpoints(flat: dict, extra: dict, warnings: list, path: str) -> None:
+  """fedgfe's adapter files -> a run directory: ``{adapter_checkpoint_dir}/{adapter_checkpoint_base_name}``.
+
+  fedgfe wrote each node's adapters as ``{dir}/{base}_node{i}_..._round_{r}.pt`` and its generate step read
+  them back from the same two keys. Here a heads run checkpoints its whole state (server and every node) in
+  its run directory, so the two keys name that directory: a saving run (``adapter_save_checkpoint``) is run
+  there (``output_dir`` = dir, ``name`` = base), a loading one (``adapter_load_checkpoint``, the generate step)
+  restores it. The same pair of keys in both files therefore links them, as it did in fedgfe.
+  """
+  where = os.path.join(extra.get("adapter_checkpoint_dir") or "checkpoints/adapters",
+                       extra.get("adapter_checkpoint_base_name") or "adapter")
+  saving, loading = bool(extra.get("adapter_save_checkpoint")), bool(extra.get("adapter_load_checkpoint"))
+  if loading:
+    flat["adapter_load_checkpoint"] = where
+    if saving:
+      warnings.append("'feda2v.adapter_save_checkpoint' ignored: a run that loads adapters trains none (fedgfe "
+                      "skipped node training too)")
+    return
+  if saving:
+    flat["checkpoint_frequency"] = extra.get("adapter_checkpoint_frequency", 5)
+    flat["output_dir"], flat["name"] = os.path.split(where)
+    warnings.append(f"adapter checkpoints: this run's directory is {where} (adapter_checkpoint_dir / "
+                    "adapter_checkpoint_base_name); its state/ holds the server's and every node's heads")
+  elif any(k in extra for k in ("adapter_checkpoint_frequency", "adapter_checkpoint_dir",
+                                "adapter_checkpoint_base_name")):
+    warnings.append("'feda2v.adapter_save_checkpoint' is off and nothing is loaded: adapter_checkpoint_dir / "
+                    "_base_name / _frequency ignored (the server state is checkpointed every checkpoint_frequency "
+                    "rounds in the run directory)")
+
+
+def _generators_restored(flat: dict, warnings: list) -> None:
+  """fedgfe's Run 2 switch (``use_generator`` + ``generator_load_checkpoint`` without training) is our
+  ``use_pretrained_generators``."""
+  training = flat.get("generator_training_mode") or flat.get("generator_only_mode")
+  if flat.get("use_generator") and flat.get("generator_load_checkpoint") and not training:
+    flat["use_pretrained_generators"] = True
+  elif flat.get("generator_load_checkpoint") and training:
+    raise ConfigError("reference config: 'generator_load_checkpoint' with 'generator_training_mode' continued a "
+                      "Run 1 in fedgfe; here run the Run 1 config again with --resume instead")
+  elif not flat.get("use_generator"):
+    flat.pop("generator_load_checkpoint", None)
+
+
+def _node_generator_classes(flat: dict, nodes: list[dict], path: str) -> None:
+  """Per-node generator keys: ``generator_class_group`` (every class of the node belongs to that group) joins
+  ``generator_class_groups``; ``generator_train_classes`` is honoured when it covers the node's classes (a node's
+  generators train on every class it holds here) and refused otherwise."""
+  groups = {k: list(v) for k, v in (flat.get("generator_class_groups") or {}).items()}
+  owner = {c: g for g, cs in groups.items() for c in cs}
+  for n in nodes:
+    classes = n.get("selected_classes") or []
+    train = n.get("generator_train_classes")
+    if train is not None and not set(classes) <= set(train):
+      raise ConfigError(f"reference config {path}: node '{n['node_id']}' has generator_train_classes {train} without "
+                        f"its classes {sorted(set(classes) - set(train))}; a2v-jax trains a node's generators on "
+                        "every class it holds (drop the key, or drop those classes from the node)")
+    group = n.get("generator_class_group")
+    if group is None:
+      continue
+    if not classes:
+      raise ConfigError(f"reference config {path}: node '{n['node_id']}' names generator_class_group {group!r} "
+                        "but no selected_classes to put in it")
+    for c in classes:
+      if owner.get(c, group) != group:
+        raise ConfigError(f"reference config {path}: class {c!r} is in generator group {owner[c]!r} and, by node "
+                          f"'{n['node_id']}', in {group!r}; a class belongs to one group")
+      if c not in owner:
+        owner[c] = group
+        groups.setdefault(group, []).append(c)
+  if groups:
+    flat["generator_class_groups"] = groups
 
 
 def _drop_unused_zeros(flat: dict, warnings: list) -> None:
@@ -392,11 +463,8 @@ def read_reference_config(
   if "adapter_aggregation_mode" not in raw.get("feda2v", {}):
     warnings.append("'feda2v.adapter_aggregation_mode' absent: fedgfe then did not aggregate "
                     "(DotDict None), so 'none' is used")
-  if extra.get("adapter_save_checkpoint"):
-    flat["checkpoint_frequency"] = extra.get("adapter_checkpoint_frequency", 5)
-  elif "adapter_save_checkpoint" in extra or "adapter_checkpoint_frequency" in extra:
-    warnings.append("'feda2v.adapter_save_checkpoint'/'adapter_checkpoint_frequency' ignored: the "
-                    "server state is checkpointed every checkpoint_frequency rounds")
+  _adapter_checkpoints(flat, extra, warnings, path)
+  _generators_restored(flat, warnings)
   for key in ("global_model_train_epochs", "global_model_train_learning_rate"):
     if key in extra:
       if flat.get("global_model_train"):
