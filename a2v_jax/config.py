@@ -217,8 +217,10 @@ class GeneratorConfig:
   # Condition of a conditioned generator (cvae / use_conditioned_vae): "text" (the default when unset:
   # the design notes' visual condition, the class's text embedding -- the pooled CLIP target where the heads have
   # a clip branch, the T5 target's token mean for cogx -- scaled to unit norm) or "onehot" (the class
-  # index). Setting it for an unconditioned generator is refused (it would be ignored).
-  generator_condition: Optional[Literal["onehot", "text"]] = None
+  # index) or "t5_clip" (the reference's FLUX condition per token: the class's T5 target pooled to the generator's
+  # tokens, the pooled CLIP target appended to each; needs both branches). Setting it for an unconditioned
+  # generator is refused (it would be ignored).
+  generator_condition: Optional[Literal["onehot", "text", "t5_clip"]] = None
   generator_training_mode: bool = False
   generator_only_mode: bool = False
   use_pretrained_generators: bool = False
@@ -236,6 +238,11 @@ class GeneratorConfig:
   generator_training_sequence_length: int = 4
   generator_augmentation: bool = True
   generator_augmentation_noise: float = 0.1
+  # Ceiling of the VAE loss's KL weight (beta; it ramps up over the first half of the epochs): the reference's 0.01.
+  # A conditioned VAE needs no other value: its z has a learned prior per class (models.generators), which is what
+  # makes it follow its condition (FSDD, one shared one-hot VAE, 8 rounds: samples nearest their own class mean
+  # 0.17 without the class prior, 0.43 with it; benchmarks/RESULTS.md#conditioned-generators).
+  generator_kl_weight: float = 0.01
   # Run 1: generators model features standardised per (token, dim) with the mean / std of all nodes'
   # train rows (recorded in the checkpoint; Run 2 undoes it on every sample). Why: the VAE loss's
   # beta <= 0.01 on raw AST features (variance << 1) acts as a large observation noise and blurs the
@@ -495,7 +502,7 @@ MODE_KEYS: tuple[tuple[tuple[str, ...], Any, str], ...] = (
     (("global_model_train_epochs", "global_model_train_learning_rate"), lambda c: c.federation.global_model_train,
      "it shapes the server's global training, which is off ('global_model_train': false)"),
     (("generator_training_epochs", "generator_learning_rate", "generator_batch_size", "generator_augmentation",
-      "generator_augmentation_noise"), _run1,
+      "generator_augmentation_noise", "generator_kl_weight"), _run1,
      "it shapes generator training (Run 1: 'use_generator' with 'generator_training_mode' or 'generator_only_mode'), "
      "which this run does not do (Run 2 restores trained generators)"),
 )
@@ -518,6 +525,8 @@ def refuse_ignored(cfg: Config, given: typing.Mapping[str, Any]) -> None:
   if given.get("generator_load_checkpoint") is False and g.use_pretrained_generators:
     raise ConfigError("config key 'generator_load_checkpoint' is false but 'use_pretrained_generators' (Run 2) "
                       "always restores the generators; set it true or drop it")
+  if "generator_kl_weight" in given and g.generator_type == "gan":
+    raise ConfigError("config key 'generator_kl_weight' weighs a VAE's KL term; a GAN has none: drop it")
   if given.get("reset_generator_on_class_change"):
     raise ConfigError(
         "config key 'reset_generator_on_class_change' would change nothing: a node's classes are fixed for the "
@@ -608,6 +617,8 @@ def validate(cfg: Config) -> None:
     if f.adapter_aggregation_mode == "centralised":
       raise ConfigError("config key 'server_synthetic_samples_per_class' sends nodes the classes they lack, but "
                         "'adapter_aggregation_mode' 'centralised' has one node holding every class; drop the key")
+  if not g.generator_kl_weight > 0:
+    raise ConfigError(f"config key 'generator_kl_weight' must be > 0, got {g.generator_kl_weight}")
   if g.generator_output_sequence_length is not None and g.generator_output_sequence_length < 1:
     raise ConfigError("config key 'generator_output_sequence_length' must be >= 1 or null, got "
                       f"{g.generator_output_sequence_length}")

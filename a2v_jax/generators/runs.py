@@ -56,13 +56,13 @@ from a2v_jax.config import Config, generator_condition
 from a2v_jax.data.nodes import NodeData
 from a2v_jax.data.records import Clip, ClipSet
 from a2v_jax.generators import training as gt
+from a2v_jax.generators import validation as gv
 from a2v_jax.federated import server_train
 from a2v_jax.federated.kd import pad_rows
 from a2v_jax.models import generators as gen
 from a2v_jax.types import PRNGKey
 
-# fold_in salts of the run key: generator training, Run 2's synthetic rows, KD features.
-GEN_SALT, SYNTHETIC_SALT, KD_SALT = 0x6E4E, 0x5A17, 0x0D15
+GEN_SALT, SYNTHETIC_SALT, KD_SALT, VALIDATION_SALT = 0x6E4E, 0x5A17, 0x0D15, 0x7A11
 # Row names of the per-round generator metrics (generator_training's names -> ours).
 METRIC_NAMES = {"loss": "generator_loss", "recon": "generator_recon", "kl": "generator_kl",
                 "cos": "generator_cos", "d_loss": "generator_gan_d", "g_loss": "generator_gan_g",
@@ -144,7 +144,11 @@ def draw(state: gt.GenState, scale: FeatureScale, key: PRNGKey, counts: np.ndarr
 
 def text_conditioned(cfg: Config) -> bool:
   """Whether the generators are conditioned on the class text embeddings (so need the text targets)."""
-  return generator_condition(cfg.generators) == "text"
+  return generator_condition(cfg.generators) in ("text", "t5_clip")
+
+
+def _unit_rows(t: np.ndarray) -> np.ndarray:
+  return (t / np.maximum(np.linalg.norm(t, axis=1, keepdims=True), 1e-12)).astype(np.float32)
 
 
 def condition_table(cfg: Config, targets: dict, num_classes: int) -> Optional[np.ndarray]:
@@ -152,20 +156,33 @@ def condition_table(cfg: Config, targets: dict, num_classes: int) -> Optional[np
 
   ``generator_condition: text`` is the design notes' "CLIP visual condition": each class's text embedding --
   the pooled CLIP target when the heads have a clip branch (SD's (77, d) token sequence is averaged
-  over tokens), else the T5 target's token mean (cogx) -- scaled to unit norm like a one-hot row, so the
-  condition's scale does not depend on the text encoder.
+  over tokens), else the T5 target's token mean (cogx). ``t5_clip`` is the reference's FLUX condition per
+  token: the class's T5 target pooled to the generator's S tokens (adaptive average pooling, as the reference)
+  with the pooled CLIP vector appended to every token, flattened to S * (d_t5 + d_clip). Every row is scaled
+  to unit norm like a one-hot row, so the condition's scale does not depend on the text encoder.
   """
-  if not text_conditioned(cfg):
+  kind = generator_condition(cfg.generators)
+  if kind not in ("text", "t5_clip"):
     return None
-  branch = "clip" if "clip" in targets else "t5"
-  if branch not in targets:
-    raise GeneratorRunError("generator_condition 'text' needs the class text embeddings, but no text targets "
-                            "were computed")
-  t = np.asarray(targets[branch], np.float64)
-  if t.shape[0] != num_classes:
-    raise GeneratorRunError(f"{branch} text targets have {t.shape[0]} rows for {num_classes} classes")
-  t = t.reshape(num_classes, -1, t.shape[-1]).mean(1)
-  return (t / np.maximum(np.linalg.norm(t, axis=1, keepdims=True), 1e-12)).astype(np.float32)
+  need = ("clip", "t5") if kind == "t5_clip" else ("clip",) if "clip" in targets else ("t5",)
+  missing = [b for b in need if b not in targets]
+  if missing:
+    raise GeneratorRunError(f"generator_condition {kind!r} needs the class {' and '.join(need)} text embeddings, "
+                            f"but this run has no {' / '.join(missing)} targets"
+                            + (" (diffusion_type 'flux' has both)" if kind == "t5_clip" else ""))
+  for b in need:
+    if np.asarray(targets[b]).shape[0] != num_classes:
+      raise GeneratorRunError(f"{b} text targets have {np.asarray(targets[b]).shape[0]} rows for {num_classes} "
+                              "classes")
+  if kind == "text":
+    t = np.asarray(targets[need[0]], np.float64)
+    return _unit_rows(t.reshape(num_classes, -1, t.shape[-1]).mean(1))
+  s = cfg.generators.generator_training_sequence_length
+  t5 = np.asarray(targets["t5"], np.float32).reshape(num_classes, -1, np.asarray(targets["t5"]).shape[-1])
+  t5 = np.asarray(gen.pool_tokens(jnp.asarray(t5), s), np.float64)
+  clip = np.asarray(targets["clip"], np.float64).reshape(num_classes, -1, np.asarray(targets["clip"]).shape[-1])
+  clip = np.repeat(clip.mean(1, keepdims=True), s, axis=1)
+  return _unit_rows(np.concatenate([t5, clip], axis=-1).reshape(num_classes, -1))
 
 
 def check_condition(cfg: Config, state: gt.GenState, targets: dict, where: str) -> None:
@@ -175,7 +192,7 @@ def check_condition(cfg: Config, state: gt.GenState, targets: dict, where: str) 
     GeneratorCheckpointError: the checkpoint's condition table differs (another prompt template or
       text encoder), naming the classes whose conditions differ.
   """
-  if state.spec.condition != "text":
+  if state.spec.condition not in ("text", "t5_clip"):
     return
   want = condition_table(cfg, targets, state.spec.num_classes)
   have = np.asarray(state.cond_table)
@@ -204,6 +221,21 @@ class Run1:
   mask: np.ndarray         # (C, N)
   key: PRNGKey
   scale: FeatureScale
+  validation: Optional[gv.Validation] = None
+
+
+def _validation(cfg: Config, prepared: Any, pool: np.ndarray, pool_labels: np.ndarray, index: np.ndarray,
+                mask: np.ndarray, scale: FeatureScale) -> gv.Validation:
+  """Every node's ``val`` rows (its train rows when no node has any), pooled and standardised like the pool."""
+  nodes = prepared.nodes
+  source = "val" if sum(len(n.get("val", ())) for n in nodes.nodes) else "train"
+  rows = [np.asarray(n.get(source, ()), np.int64) for n in nodes.nodes]
+  flat = np.concatenate(rows) if rows else np.zeros(0, np.int64)
+  x = np.asarray(gen.pool_tokens(jnp.asarray(np.asarray(prepared.features[flat]), jnp.float32),
+                                 cfg.generators.generator_training_sequence_length))
+  return gv.make_validation(pool, pool_labels, [index[c][mask[c]] for c in range(len(rows))], scale.standardise(x),
+                            nodes.clipset.labels[flat], np.repeat(np.arange(len(rows)), [len(r) for r in rows]),
+                            len(nodes.clipset.class_names), source)
 
 
 def run1_extra(cfg: Config, prepared: Any, run: Run1) -> dict[str, Any]:
@@ -255,7 +287,8 @@ def start_run1(cfg: Config, prepared: Any, *, resume_round: Optional[int], resum
           "(or generator_checkpoint_dir), or delete the directory")
     state = gt.init_generators(key, g, layout, token_shape, len(names),
                                condition_table(cfg, prepared.targets, len(names)))
-  return Run1(state, pool, pool_labels, index, mask, key, scale)
+  validation = _validation(cfg, prepared, np.asarray(pool), pool_labels, index, mask, scale)
+  return Run1(state, pool, pool_labels, index, mask, key, scale, validation)
 
 
 def generator_row(layout: gt.SlotLayout, metrics: dict[str, np.ndarray]) -> dict[str, float]:
@@ -285,6 +318,8 @@ def train_round(cfg: Config, run: Run1, round_: int) -> tuple[Run1, dict[str, fl
     raise GeneratorRunError(f"non-finite generator losses in round {round_} at {bad}; stopping (the last "
                             "generator checkpoint is kept)")
   row["server/generator_seconds"] = round(time.time() - t0, 4)
+  if run.validation is not None:
+    row.update(gv.validate(state, run.validation, jax.random.fold_in(run_key(cfg, VALIDATION_SALT), round_)))
   return dataclasses.replace(run, state=state), row
 
 

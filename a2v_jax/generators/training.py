@@ -87,7 +87,9 @@ class GeneratorSpec:
   total_epochs: int            # E of the VAE loss schedules
   noise_std: float             # denoising input noise (0 = no augmentation)
   reset_on_new_class: bool
-  condition: str = "none"      # what cond_table holds: "onehot", "text" (class text embeddings) or "none"
+  condition: str = "none"      # what cond_table holds: "onehot", "text", "t5_clip" (text embeddings) or "none"
+  kl_weight: float = gen.REFERENCE_KL_WEIGHT  # ceiling of the VAE loss's beta schedule
+  class_prior: bool = False    # a conditioned VAE's learned prior mean per condition (models.generators)
   weight_decay: float = WEIGHT_DECAY
   grad_clip: float = GRAD_CLIP
 
@@ -111,12 +113,13 @@ class GeneratorSpec:
         learning_rate=cfg.generator_learning_rate, total_epochs=cfg.generator_training_epochs,
         noise_std=cfg.generator_augmentation_noise if cfg.generator_augmentation else 0.0,
         reset_on_new_class=cfg.reset_generator_on_class_change,
-        condition=generator_condition(cfg) or "none")
+        condition=generator_condition(cfg) or "none", kl_weight=cfg.generator_kl_weight,
+        class_prior=conditioned and cfg.generator_type != "gan")
 
   def model_fields(self) -> dict[str, Any]:
     """The fields that fix the parameter shapes (what a checkpoint must agree on)."""
     keys = ("generator_type", "conditioned", "condition", "feature_dim", "seq_len", "hidden_dim", "latent_dim",
-            "num_classes", "cond_dim")
+            "num_classes", "cond_dim", "class_prior")
     return {k: getattr(self, k) for k in keys}
 
   def model_hash(self) -> str:
@@ -304,7 +307,7 @@ def models(spec: GeneratorSpec) -> dict[str, Any]:
   if spec.generator_type == "vae":
     cls = gen.ConditionedVAEGenerator if spec.conditioned else gen.VAEGenerator
     return {"vae": cls(feature_dim=spec.feature_dim, hidden_dim=spec.hidden_dim, latent_dim=spec.latent_dim,
-                       seq_len=spec.seq_len, cond_dim=cond_dim)}
+                       seq_len=spec.seq_len, cond_dim=cond_dim, class_prior=spec.class_prior)}
   return {"generator": gen.GANGenerator(feature_dim=spec.feature_dim, hidden_dim=spec.hidden_dim,
                                         latent_dim=spec.latent_dim, seq_len=spec.seq_len, cond_dim=cond_dim),
           "discriminator": gen.GANDiscriminator(hidden_dim=spec.hidden_dim, seq_len=spec.seq_len, cond_dim=cond_dim)}
@@ -374,7 +377,7 @@ def _make_step(spec: GeneratorSpec, unravel: Any) -> Callable:
 
     def loss_fn(f):
       x_hat, mu, logvar = m["vae"].apply(unravel(f), x_in, eps, cond)
-      return gen.vae_loss(x_hat, xb, mu, logvar, epoch, spec.total_epochs, mb)
+      return gen.vae_loss(x_hat, xb, mu, logvar, epoch, spec.total_epochs, mb, spec.kl_weight)
 
     (_, parts), grads = jax.value_and_grad(loss_fn, has_aux=True)(flat)
     updates, opt_state = tx.update(grads, opt_state, flat)
@@ -509,8 +512,8 @@ def init_generators(key: PRNGKey, cfg: GeneratorConfig, layout: SlotLayout, feat
   if table.shape[0] != num_classes:
     raise ValueError(f"cond_table has {table.shape[0]} rows, expected one per class ({num_classes})")
   spec = GeneratorSpec.from_config(cfg, feature_shape, num_classes, table.shape[1])
-  if spec.condition == "text" and cond_table is None:
-    raise ValueError("generator_condition 'text' needs the class text embeddings as cond_table")
+  if spec.condition in ("text", "t5_clip") and cond_table is None:
+    raise ValueError(f"generator_condition {spec.condition!r} needs the class text embeddings as cond_table")
   return _fresh_state(spec, layout, key, table)
 
 

@@ -53,6 +53,9 @@ REFERENCE_CVAE = dict(feature_dim=512, hidden_dim=1024, latent_dim=256, cond_dim
 # The reference's VAEGenerator as used in every run: 768-d tokens, hidden 1024, latent 256.
 REFERENCE_VAE = dict(feature_dim=768, hidden_dim=1024, latent_dim=256, seq_len=4)
 
+# The reference's KL weight (the ceiling of its beta schedule; config.generator_kl_weight).
+REFERENCE_KL_WEIGHT = 0.01
+
 # Reference clamps: they keep exp(logvar) and the decoder input bounded.
 LOGVAR_RANGE = (-5.0, 2.0)
 MU_RANGE = (-5.0, 5.0)
@@ -151,10 +154,20 @@ class VAEGenerator(nn.Module):
   latent_dim: int = REFERENCE_VAE["latent_dim"]
   seq_len: int = REFERENCE_VAE["seq_len"]
   cond_dim: int = 0
+  class_prior: bool = False
 
   def setup(self):
     self.encoder = TokenEncoder(self.seq_len, self.hidden_dim, 2 * self.latent_dim)
     self.decoder = TokenDecoder(self.seq_len, self.hidden_dim, self.feature_dim)
+    if self.class_prior:
+      if self.cond_dim < 1:
+        raise ValueError("a class prior needs a condition (cond_dim >= 1)")
+      self.prior = nn.Dense(self.latent_dim, name="prior_mean")
+
+  def prior_mean(self, cond: Optional[jax.Array], batch: int) -> jax.Array:
+    """Mean of p(z | condition): a learned linear map of the condition with ``class_prior``, else 0."""
+    cond = self._cond(cond, batch)
+    return self.prior(cond) if self.class_prior else jnp.zeros((batch, self.latent_dim))
 
   def _cond(self, cond: Optional[jax.Array], batch: int) -> Optional[jax.Array]:
     if self.cond_dim == 0:
@@ -177,19 +190,28 @@ class VAEGenerator(nn.Module):
 
   def __call__(self, x: jax.Array, eps: jax.Array,
                cond: Optional[jax.Array] = None) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Returns (x_hat, mu - prior mean, logvar): the loss's KL against N(0, I) of the shifted mean is the KL
+    against the (class) prior N(prior mean, I)."""
     mu, logvar = self.encode(x, cond)
     z = mu + jnp.exp(0.5 * logvar) * eps
-    return self.decode(jnp.clip(z, *Z_RANGE), cond), mu, logvar
+    return self.decode(jnp.clip(z, *Z_RANGE), cond), mu - self.prior_mean(cond, x.shape[0]), logvar
 
   def sample(self, key: PRNGKey, n: int, cond: Optional[jax.Array] = None) -> jax.Array:
-    """n draws z ~ N(0, I) (unclamped, as the reference) decoded to (n, S, D)."""
-    return self.decode(jax.random.normal(key, (n, self.latent_dim)), cond)
+    """n draws z ~ p(z | cond) = N(prior mean, I) (unclamped, as the reference) decoded to (n, S, D)."""
+    z = self.prior_mean(cond, n) + jax.random.normal(key, (n, self.latent_dim))
+    return self.decode(z, cond)
 
 
 class ConditionedVAEGenerator(VAEGenerator):
   """Class-conditioned VAE: the condition (a one-hot or a class embedding, (B, cond_dim)) enters
   the encoder (added to the pooled token code) and the decoder (concatenated to z).
-  Defaults are the reference's sizes (``REFERENCE_CVAE``)."""
+  Defaults are the reference's sizes (``REFERENCE_CVAE``).
+
+  ``class_prior`` (what a2v-jax's runs use) gives z a prior per condition, N(W cond + b, I), learned with the
+  rest. Why: with the reference's small KL weight the encoder writes the class into z and the decoder reads it
+  from there; sampling z ~ N(0, I) then draws no class in particular (the condition is ignored). With a class
+  prior, the region of z the encoder uses for a class is where that class's samples are drawn.
+  """
   feature_dim: int = REFERENCE_CVAE["feature_dim"]
   hidden_dim: int = REFERENCE_CVAE["hidden_dim"]
   latent_dim: int = REFERENCE_CVAE["latent_dim"]
@@ -246,19 +268,22 @@ def _masked_mean(v: jax.Array, weights: Optional[jax.Array]) -> jax.Array:
   return jnp.sum(v * weights) / jnp.maximum(jnp.sum(weights), 1.0)
 
 
-def vae_loss_weights(epoch: jax.Array, total_epochs: int) -> tuple[jax.Array, jax.Array]:
-  """The reference's schedules: beta ramps to 0.01 over the first half of the epochs,
-  the (1 - cos) weight decays from 0.1 to a floor of 0.01. ``epoch`` is 0-based."""
+def vae_loss_weights(epoch: jax.Array, total_epochs: int,
+                     kl_weight: float = REFERENCE_KL_WEIGHT) -> tuple[jax.Array, jax.Array]:
+  """The reference's schedules: beta ramps to ``kl_weight`` (the reference's 0.01) over the first half of the
+  epochs, the (1 - cos) weight decays from 0.1 to a floor of 0.01. ``epoch`` is 0-based."""
   warmup = max(1, int(0.5 * total_epochs))
   e = jnp.asarray(epoch, jnp.float32)
-  beta = jnp.minimum(0.01, 0.01 * (e + 1) / warmup)
+  beta = jnp.minimum(kl_weight, kl_weight * (e + 1) / warmup)
   w_sim = jnp.maximum(0.01, 0.1 * (1 - e / total_epochs))
   return beta, w_sim
 
 
 def vae_loss(x_hat: jax.Array, x: jax.Array, mu: jax.Array, logvar: jax.Array, epoch: jax.Array,
-             total_epochs: int, weights: Optional[jax.Array] = None) -> tuple[jax.Array, dict[str, jax.Array]]:
-  """recon MSE + beta(e) * KL + w_sim(e) * (1 - cos), as the reference's ``VAELoss``.
+             total_epochs: int, weights: Optional[jax.Array] = None,
+             kl_weight: float = REFERENCE_KL_WEIGHT) -> tuple[jax.Array, dict[str, jax.Array]]:
+  """recon MSE + beta(e) * KL + w_sim(e) * (1 - cos), as the reference's ``VAELoss`` (beta's ceiling
+  ``kl_weight``: the reference's 0.01 unless given).
 
   Every term is a per-example mean (over S*D, over Z, one cosine per flattened example) averaged
   over the batch; ``weights`` (B,) masks padding rows (a batch of equal-size examples with unit
@@ -273,6 +298,7 @@ def vae_loss(x_hat: jax.Array, x: jax.Array, mu: jax.Array, logvar: jax.Array, e
     epoch: 0-based epoch index for the schedules.
     total_epochs: E of the schedules.
     weights: optional (B,) row weights (1 valid, 0 padding).
+    kl_weight: the ceiling of the beta schedule.
 
   Returns:
     (total, {"recon", "kl", "cos", "beta", "w_sim", "loss"}).
@@ -283,7 +309,7 @@ def vae_loss(x_hat: jax.Array, x: jax.Array, mu: jax.Array, logvar: jax.Array, e
   a, t = x_hat.reshape(b, -1) + 1e-8, x.reshape(b, -1) + 1e-8
   norms = jnp.maximum(jnp.linalg.norm(a, axis=-1), 1e-8) * jnp.maximum(jnp.linalg.norm(t, axis=-1), 1e-8)
   cos = 1.0 - jnp.sum(a * t, axis=-1) / norms
-  beta, w_sim = vae_loss_weights(epoch, total_epochs)
+  beta, w_sim = vae_loss_weights(epoch, total_epochs, kl_weight)
   parts = {"recon": _masked_mean(recon, weights), "kl": _masked_mean(kl, weights),
            "cos": _masked_mean(cos, weights), "beta": beta, "w_sim": w_sim}
   total = parts["recon"] + beta * parts["kl"] + w_sim * parts["cos"]
