@@ -230,6 +230,11 @@ class GeneratorConfig:
   # tracking; the first visit of a node is never a "change"). Off by default, as in the design notes.
   reset_generator_on_class_change: bool = False
   shared_generator_in_only_mode: bool = True
+  # How nodes visit a shared generator in a round: "interleaved" -- each of the generator_training_epochs epochs
+  # visits every node in turn for one epoch -- or "sequential", the reference's: each node trains all its epochs,
+  # then the next. Sequential visits forget: one-hot CVAE shared by 10 one-digit FSDD nodes, 8 rounds, 0.16 of its
+  # samples nearest their own digit's mean, 0.59 interleaved (per-node per-digit VAEs 0.52); benchmarks/RESULTS.md.
+  shared_generator_schedule: Literal["interleaved", "sequential"] = "interleaved"
   generator_training_epochs: int = 20
   generator_batch_size: int = 16
   generator_learning_rate: float = 1e-3
@@ -525,6 +530,11 @@ def refuse_ignored(cfg: Config, given: typing.Mapping[str, Any]) -> None:
   if given.get("generator_load_checkpoint") is False and g.use_pretrained_generators:
     raise ConfigError("config key 'generator_load_checkpoint' is false but 'use_pretrained_generators' (Run 2) "
                       "always restores the generators; set it true or drop it")
+  if "shared_generator_schedule" in given and not (_run1(cfg) and g.generator_only_mode and
+                                                    g.shared_generator_in_only_mode):
+    raise ConfigError("config key 'shared_generator_schedule' would change nothing in this run: it orders the nodes' "
+                      "visits to a shared generator, which only a generator_only_mode Run 1 with "
+                      "'shared_generator_in_only_mode' trains; drop it")
   if "generator_kl_weight" in given and g.generator_type == "gan":
     raise ConfigError("config key 'generator_kl_weight' weighs a VAE's KL term; a GAN has none: drop it")
   if given.get("reset_generator_on_class_change"):

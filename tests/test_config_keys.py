@@ -54,6 +54,7 @@ REFUSED = {
     "global_model_train_epochs": ["global_model_train_epochs=2"],
     "generator_augmentation": ["generator_augmentation=false"],
     "generator_kl_weight": ["generator_kl_weight=1.0"],  # Run 1 only
+    "shared_generator_schedule": ['shared_generator_schedule="sequential"'],  # a shared Run 1 only
     "reset_generator_on_class_change": ["reset_generator_on_class_change=true"],  # can never fire here
 }
 

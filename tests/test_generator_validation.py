@@ -120,3 +120,33 @@ def test_one_conditioned_generator_draws_the_class_it_is_asked_for():
     row = shared_conditioned_probe(kl)
     assert row["val/generator_probe"] >= 0.95 and row["val/node_0/generator_recon_cos"] > 0.8, (kl, row)
   assert shared_conditioned_probe(0.01, class_prior=False)["val/generator_probe"] < 0.9
+
+
+def one_class_nodes_probe(schedule):
+  """Four one-class nodes share one conditioned VAE (generator_only_mode), two rounds through runs.train_round."""
+  x, lab, mask = clusters(k=4, nodes=1, per_class=24)
+  x, lab, mask = x.reshape(4, 24, 2, 8), lab.reshape(4, 24), mask.reshape(4, 24)  # node c holds class c
+  keys = [f"{k}={v}" for k, v in BASE.items()] + [
+      "use_generator=true", "generator_only_mode=true", "shared_generator_in_only_mode=true",
+      'generator_type="cvae"', 'generator_condition="onehot"', 'generator_granularity="unified"',
+      "generator_training_epochs=10", f'shared_generator_schedule="{schedule}"']
+  cfg = config.load(None, keys)
+  pool, labels = x.reshape(-1, 2, 8), lab.reshape(-1)
+  index = np.arange(96).reshape(4, 24)
+  lay = gt.make_layout(cfg.generators, labels, mask, 4, index=index)
+  assert lay.shared and lay.num_slots == 1
+  state = gt.init_generators(jax.random.key(0), cfg.generators, lay, (2, 8), 4)
+  val = gv.make_validation(pool, labels, list(index), pool, labels, np.repeat(np.arange(4), 24), 4, "train")
+  run = runs.Run1(state, jnp.asarray(pool), labels, index, mask, jax.random.key(1),
+                  runs.FeatureScale.identity(2, 8), val)
+  for r in (1, 2):
+    run, row = runs.train_round(cfg, run, r)
+  assert int(run.state.epoch[0]) == 2 * 10 * 4  # both schedules: 10 epochs per node and round
+  return row["val/generator_probe"]
+
+
+def test_interleaved_visits_keep_every_node_s_class():
+  """Nodes visiting a shared generator one whole round each (the reference's order) leave it knowing mostly the
+  last node's class; one epoch per node in turn keeps them all."""
+  interleaved, sequential = one_class_nodes_probe("interleaved"), one_class_nodes_probe("sequential")
+  assert interleaved >= 0.9 and sequential < interleaved - 0.2, (interleaved, sequential)

@@ -10,8 +10,10 @@ last epoch, averaged over the node's slots. Checkpoints go to
 recording the data and feature settings Run 2 must agree with. ``generator_only_mode`` trains no heads
 and computes no text targets (the trainer's ``generators_only``, the same round loop); nodes share one generator per key when
 ``shared_generator_in_only_mode`` (the reference's server instance, trained by the nodes one after
-another -- on FSDD it drifts to the last node's speaker: train-on-synthetic accuracy 0.18 against 0.55
-with a generator per node and class, so the FSDD config turns sharing off).
+another). ``shared_generator_schedule`` orders those visits: ``sequential`` (the reference's: each node all
+its epochs, then the next) leaves the generator knowing mostly the last nodes' data; ``interleaved`` (the
+default) visits every node for one epoch, ``generator_training_epochs`` times per round. After every round the
+generators are validated (``validation.py``: reconstruction and class probe, ``val/...`` row entries).
 
 Run 2 (``use_pretrained_generators``): the generators of the latest complete round are restored before
 anything else, and every disagreement (missing / partial / corrupt directory, other classes, shapes,
@@ -310,8 +312,14 @@ def generator_row(layout: gt.SlotLayout, metrics: dict[str, np.ndarray]) -> dict
 def train_round(cfg: Config, run: Run1, round_: int) -> tuple[Run1, dict[str, float]]:
   """One round of generator training (every slot, one jitted vmapped call); returns the row entries."""
   t0 = time.time()
-  state, metrics = gt.train_generators(run.state, run.pool, run.pool_labels, run.mask,
-                                       jax.random.fold_in(run.key, round_), index=run.index)
+  key = jax.random.fold_in(run.key, round_)
+  if run.state.layout.shared and cfg.generators.shared_generator_schedule == "interleaved":
+    state = run.state  # every epoch visits the nodes in turn, one epoch each (the last epoch's metrics are kept)
+    for e in range(cfg.generators.generator_training_epochs):
+      state, metrics = gt.train_generators(state, run.pool, run.pool_labels, run.mask, jax.random.fold_in(key, e), 1,
+                                           index=run.index)
+  else:
+    state, metrics = gt.train_generators(run.state, run.pool, run.pool_labels, run.mask, key, index=run.index)
   row = generator_row(state.layout, jax.device_get(metrics))
   bad = sorted({k.split("/")[1] for k, v in row.items() if not np.isfinite(v)})
   if bad:
