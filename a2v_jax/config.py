@@ -248,6 +248,10 @@ class GeneratorConfig:
   # makes it follow its condition (FSDD, one shared one-hot VAE, 8 rounds: samples nearest their own class mean
   # 0.17 without the class prior, 0.43 with it; benchmarks/RESULTS.md#conditioned-generators).
   generator_kl_weight: float = 0.01
+  # The VAE's architecture: "token" (ours: one encoder / decoder shared by the tokens, 239x fewer parameters at the
+  # AST's 1214 x 768) or "reference_mlp" (the reference's flattening MLP VAEGenerator; unconditioned VAE only): what
+  # generators imported from the reference's .pt files are (python -m experiments.import_reference).
+  generator_architecture: Literal["token", "reference_mlp"] = "token"
   # Run 1: generators model features standardised per (token, dim) with the mean / std of all nodes'
   # train rows (recorded in the checkpoint; Run 2 undoes it on every sample). Why: the VAE loss's
   # beta <= 0.01 on raw AST features (variance << 1) acts as a large observation noise and blurs the
@@ -627,6 +631,9 @@ def validate(cfg: Config) -> None:
     if f.adapter_aggregation_mode == "centralised":
       raise ConfigError("config key 'server_synthetic_samples_per_class' sends nodes the classes they lack, but "
                         "'adapter_aggregation_mode' 'centralised' has one node holding every class; drop the key")
+  if g.generator_architecture == "reference_mlp" and (g.generator_type != "vae" or generator_condition(g)):
+    raise ConfigError("config key 'generator_architecture' 'reference_mlp' is the reference's unconditioned "
+                      "VAEGenerator: set 'generator_type': 'vae' without conditioning, or drop the key")
   if not g.generator_kl_weight > 0:
     raise ConfigError(f"config key 'generator_kl_weight' must be > 0, got {g.generator_kl_weight}")
   if g.generator_output_sequence_length is not None and g.generator_output_sequence_length < 1:

@@ -242,7 +242,7 @@ def _expectations(cfg: GeneratorConfig, manifest: dict, feature_dim: Optional[in
   spec = GeneratorSpec.from_config(cfg, (manifest["source_length"], d), k, manifest["spec"]["cond_dim"])
   norm = lambda x: json.loads(json.dumps(x))
   old = {"condition": "onehot" if manifest["spec"].get("conditioned") else "none",  # written before the fields
-         "class_prior": False}
+         "class_prior": False, "architecture": "token"}
   found = {**{f: manifest["spec"].get(f, old.get(f)) for f in spec.model_fields()},
            "granularity": manifest["granularity"],
            "generator_class_groups": norm(manifest["generator_config"].get("generator_class_groups"))}

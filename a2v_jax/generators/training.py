@@ -90,6 +90,7 @@ class GeneratorSpec:
   condition: str = "none"      # what cond_table holds: "onehot", "text", "t5_clip" (text embeddings) or "none"
   kl_weight: float = gen.REFERENCE_KL_WEIGHT  # ceiling of the VAE loss's beta schedule
   class_prior: bool = False    # a conditioned VAE's learned prior mean per condition (models.generators)
+  architecture: str = "token"  # "token" (ours) or "reference_mlp" (the reference's flattening MLP VAE)
   weight_decay: float = WEIGHT_DECAY
   grad_clip: float = GRAD_CLIP
 
@@ -114,12 +115,12 @@ class GeneratorSpec:
         noise_std=cfg.generator_augmentation_noise if cfg.generator_augmentation else 0.0,
         reset_on_new_class=cfg.reset_generator_on_class_change,
         condition=generator_condition(cfg) or "none", kl_weight=cfg.generator_kl_weight,
-        class_prior=conditioned and cfg.generator_type != "gan")
+        class_prior=conditioned and cfg.generator_type != "gan", architecture=cfg.generator_architecture)
 
   def model_fields(self) -> dict[str, Any]:
     """The fields that fix the parameter shapes (what a checkpoint must agree on)."""
     keys = ("generator_type", "conditioned", "condition", "feature_dim", "seq_len", "hidden_dim", "latent_dim",
-            "num_classes", "cond_dim", "class_prior")
+            "num_classes", "cond_dim", "class_prior", "architecture")
     return {k: getattr(self, k) for k in keys}
 
   def model_hash(self) -> str:
@@ -305,7 +306,8 @@ def models(spec: GeneratorSpec) -> dict[str, Any]:
   """The linen modules of a slot: {"vae"} or {"generator", "discriminator"}."""
   cond_dim = spec.cond_dim if spec.conditioned else 0
   if spec.generator_type == "vae":
-    cls = gen.ConditionedVAEGenerator if spec.conditioned else gen.VAEGenerator
+    cls = (gen.ReferenceVAEGenerator if spec.architecture == "reference_mlp" else
+           gen.ConditionedVAEGenerator if spec.conditioned else gen.VAEGenerator)
     return {"vae": cls(feature_dim=spec.feature_dim, hidden_dim=spec.hidden_dim, latent_dim=spec.latent_dim,
                        seq_len=spec.seq_len, cond_dim=cond_dim, class_prior=spec.class_prior)}
   return {"generator": gen.GANGenerator(feature_dim=spec.feature_dim, hidden_dim=spec.hidden_dim,

@@ -224,6 +224,44 @@ class ConditionedVAEGenerator(VAEGenerator):
     super().setup()
 
 
+class FlatEncoder(nn.Module):
+  """The reference's encoder: flatten (S*D) -> Dense(H) -> ReLU -> Dense(H) -> ReLU -> Dense(out)."""
+  hidden_dim: int
+  out_dim: int
+
+  @nn.compact
+  def __call__(self, x: jax.Array, cond: Optional[jax.Array] = None) -> jax.Array:
+    del cond  # unconditioned (the only reference generator that round-trips)
+    h = nn.relu(nn.Dense(self.hidden_dim, name="in")(x.reshape(x.shape[0], -1)))
+    h = nn.relu(nn.Dense(self.hidden_dim, name="hidden")(h))
+    return nn.Dense(self.out_dim, name="out")(h)
+
+
+class FlatDecoder(nn.Module):
+  """The reference's decoder: Dense(H) -> ReLU -> Dense(H) -> ReLU -> Dense(S*D) -> (S, D), no output activation."""
+  seq_len: int
+  hidden_dim: int
+  feature_dim: int
+
+  @nn.compact
+  def __call__(self, z: jax.Array) -> jax.Array:
+    h = nn.relu(nn.Dense(self.hidden_dim, name="in")(z))
+    h = nn.relu(nn.Dense(self.hidden_dim, name="hidden")(h))
+    return nn.Dense(self.seq_len * self.feature_dim, name="out")(h).reshape(z.shape[0], self.seq_len, self.feature_dim)
+
+
+class ReferenceVAEGenerator(VAEGenerator):
+  """The reference's ``VAEGenerator`` (flattening MLP; dropout left out, as in ours), so that its ``.pt``
+  checkpoints can be imported (``reference/checkpoints.py``) and sampled by Run 2 bit for bit. Same clamps,
+  loss and sampling as :class:`VAEGenerator`; ``generator_architecture: "reference_mlp"``. Unconditioned."""
+
+  def setup(self):
+    if self.cond_dim or self.class_prior:
+      raise ValueError("the reference's VAEGenerator is unconditioned")
+    self.encoder = FlatEncoder(self.hidden_dim, 2 * self.latent_dim)
+    self.decoder = FlatDecoder(self.seq_len, self.hidden_dim, self.feature_dim)
+
+
 # ---------------------------------------------------------------------------------------------
 # GAN.
 

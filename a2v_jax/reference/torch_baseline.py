@@ -163,6 +163,29 @@ def flax_params(model: Heads) -> dict:
   return tree
 
 
+class ReferenceVAEGenerator(nn.Module):
+  """The reference's ``VAEGenerator`` layer layout (spec 5.2): flatten -> encoder ``Sequential`` of Linear, ReLU,
+  Dropout(0.2), Linear, ReLU, Dropout, Linear(2Z) -> clamped (mu, logvar); decoder Linear(Z, H), ReLU, Dropout,
+  Linear, ReLU, Dropout, Linear(S*D) -> (S, D). Its state-dict keys (``encoder.{0,3,6}``, ``decoder.{0,3,6}``) are
+  what ``reference/checkpoints.py`` imports; used to write such files in tests and to check the imported decoder."""
+
+  def __init__(self, feature_dim: int, hidden_dim: int, latent_dim: int, seq_len: int, dropout: float = 0.2):
+    super().__init__()
+    self.s, self.d, self.z = seq_len, feature_dim, latent_dim
+    block = lambda a, b: [nn.Linear(a, b), nn.ReLU(), nn.Dropout(dropout)]
+    self.encoder = nn.Sequential(*block(seq_len * feature_dim, hidden_dim), *block(hidden_dim, hidden_dim),
+                                 nn.Linear(hidden_dim, 2 * latent_dim))
+    self.decoder = nn.Sequential(*block(latent_dim, hidden_dim), *block(hidden_dim, hidden_dim),
+                                 nn.Linear(hidden_dim, seq_len * feature_dim))
+
+  def decode(self, z: torch.Tensor) -> torch.Tensor:
+    return self.decoder(z).reshape(z.shape[0], self.s, self.d)
+
+  def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    mu, logvar = self.encoder(x.reshape(x.shape[0], -1)).chunk(2, dim=-1)
+    return mu.clamp(-5, 5), logvar.clamp(-5, 2)
+
+
 class AstFeatures:
   """Runs a frozen torch AST on fbank rows, as the reference does for every sample in every epoch.
 
