@@ -39,6 +39,7 @@ class Algorithm(NamedTuple):
   init: Callable[..., tuple[ServerState, ClientState]]
   round: Callable[..., tuple[ServerState, ClientState, dict[str, Any]]]
   local_train: Callable  # single-client local training (for the looped reference backend)
+  cohort_step: Optional[Callable] = None  # a gathered cohort's training + aggregation (see fed_a2v)
 
 
 def steps_per_epoch(max_count: int, batch_size: int) -> int:
@@ -83,6 +84,36 @@ def fed_a2v(cfg: Config, apply_fn: Callable, init_fn: Callable, *, steps: int,
       return fn(clients, data.idx, data.count)
     return train_in_chunks(fn, clients, data, chunk)
 
+  def cohort_step(server: ServerState, sub: ClientState, sub_data: RoundData, shared: Shared, rng: jax.Array,
+                  holders: jax.Array) -> tuple[ServerState, ClientState, dict[str, Any]]:
+    """Trains a gathered cohort (m states, their data), aggregates, steps the server (its next key ``rng``).
+
+    A cohort client without rows keeps its state and key. ``holders`` (the population's clients with rows)
+    scales SCAFFOLD's control update. Shared by ``cohort_round`` (cohort gathered from the device state) and
+    ``population.PopulationRound`` (gathered from a host store, or fresh clients when stateless).
+    """
+    part = sub_data.count > 0
+    if mode in BROADCAST_MODES:
+      sub = sub.replace(params=aggregate.select(part, aggregate.broadcast(server.params, m), sub.params))
+    old_rng, old_control = sub.rng, sub.control
+    epoch0 = server.round * cfg.train.local_epochs
+    trained, metrics = train_all(sub, sub_data, epoch0, shared, server.control)
+    trained = trained.replace(rng=aggregate.select(part, trained.rng, old_rng))
+    control = server.control
+    if scaffold:  # c += |S| / N * mean_S(c_i+ - c_i), N = the clients with rows
+      w = part.astype(jnp.float32)
+      delta = jax.tree.map(lambda n, o: (jnp.tensordot(w, (n - o).astype(jnp.float32), axes=(0, 0))
+                                         / jnp.maximum(holders.astype(jnp.float32), 1.0)).astype(n.dtype),
+                           trained.control, old_control)
+      control = jax.tree.map(jnp.add, control, delta)
+    mean = aggregate.weighted_mean(trained.params, aggregate.client_weights(mode, sub_data.count, part))
+    if mode in BROADCAST_MODES:
+      params, opt_state = server_update(server_tx, server, mean)
+    else:
+      params, opt_state = mean, server.opt_state
+    server = server.replace(params=params, opt_state=opt_state, round=server.round + 1, rng=rng, control=control)
+    return server, trained, metrics
+
   def cohort_round(server: ServerState, clients: ClientState, data: RoundData, shared: Shared):
     """The round of a sampled cohort: gather the m sampled clients, train them, aggregate, scatter back.
 
@@ -92,33 +123,12 @@ def fed_a2v(cfg: Config, apply_fn: Callable, init_fn: Callable, *, steps: int,
     """
     rng, chosen = sample_cohort(server.rng, num_clients, m)
     cohort = jnp.sort(chosen)
-    participate = jnp.zeros((num_clients,), bool).at[cohort].set(True) & (data.count > 0)
-    part = participate[cohort]
     sub = jax.tree.map(lambda x: x[cohort], clients)
     sub_data = RoundData(data.idx[cohort], data.count[cohort])
-    if mode in BROADCAST_MODES:
-      sub = sub.replace(params=aggregate.select(part, aggregate.broadcast(server.params, m), sub.params))
-    old_rng, old_control = sub.rng, sub.control
-    epoch0 = server.round * cfg.train.local_epochs
-    trained, sub_metrics = train_all(sub, sub_data._replace(count=sub_data.count * part), epoch0, shared,
-                                     server.control)
-    trained = trained.replace(rng=aggregate.select(part, trained.rng, old_rng))
+    server, trained, sub_metrics = cohort_step(server, sub, sub_data, shared, rng, (data.count > 0).sum())
     clients = jax.tree.map(lambda full, new: full.at[cohort].set(new), clients, trained)
-    control = server.control
-    if scaffold:  # c += |S| / N * mean_S(c_i+ - c_i), N = the clients with rows
-      holders = jnp.maximum((data.count > 0).sum().astype(jnp.float32), 1.0)
-      w = (sub_data.count > 0).astype(jnp.float32)
-      delta = jax.tree.map(lambda n, o: (jnp.tensordot(w, (n - o).astype(jnp.float32), axes=(0, 0)) / holders
-                                         ).astype(n.dtype), trained.control, old_control)
-      control = jax.tree.map(jnp.add, control, delta)
-    mean = aggregate.weighted_mean(trained.params, aggregate.client_weights(mode, sub_data.count, part))
-    if mode in BROADCAST_MODES:
-      params, opt_state = server_update(server_tx, server, mean)
-    else:
-      params, opt_state = mean, server.opt_state
-    server = server.replace(params=params, opt_state=opt_state, round=server.round + 1, rng=rng, control=control)
     metrics = {k: jnp.zeros((num_clients,) + v.shape[1:], v.dtype).at[cohort].set(v) for k, v in sub_metrics.items()}
-    metrics["participate"] = participate
+    metrics["participate"] = jnp.zeros((num_clients,), bool).at[cohort].set(sub_data.count > 0)
     return server, clients, metrics
 
   def round_fn(server: ServerState, clients: ClientState, data: RoundData, shared: Shared):
@@ -155,7 +165,7 @@ def fed_a2v(cfg: Config, apply_fn: Callable, init_fn: Callable, *, steps: int,
     metrics = dict(metrics, participate=participate)
     return server, clients, metrics
 
-  return Algorithm(init=init, round=round_fn, local_train=local_train)
+  return Algorithm(init=init, round=round_fn, local_train=local_train, cohort_step=cohort_step)
 
 
 def init_keys(rng: jax.Array, num_clients: int) -> tuple[jax.Array, jax.Array, jax.Array]:

@@ -1,0 +1,164 @@
+"""Rounds over a population larger than memory: only the sampled cohort is ever on the device.
+
+Cross-device studies (10^5-10^6 clients, 10^2-10^3 per round) cannot hold every client's state, nor run every
+client's program. Here a round is: sample m of the population with the server's key (``engine.sample_cohort``,
+the same draw as the in-memory ``engine.cohort_round``), build the cohort's data on demand (``data_fn(ids)``: a
+client's rows are a function of its id, the same whenever it is sampled), get the cohort's states, run the engine's
+``cohort_step`` on them (one jitted program for the m clients: local training vmapped, FedAvg, server step), and
+keep what persists:
+
+* ``client_state: "persistent"`` (the reference's: a node keeps its heads and optimiser state between rounds) --
+  the population's states live in a :class:`ClientStore` on the host (numpy arrays, or ``np.memmap`` files under a
+  directory for populations larger than memory); the cohort is gathered from it and written back. The device holds
+  the cohort only. SCAFFOLD's client controls are part of the state, so they live there too.
+* ``"stateless"`` (cross-device FedAvg): each participant starts from the global model with a fresh optimiser
+  state and a key drawn from (round, client id); nothing is kept per client, so a million clients cost nothing.
+
+With a persistent store and population = the engine's C, every number equals ``engine.cohort_round``'s (tested).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from a2v_jax.federated import aggregate, engine
+from a2v_jax.federated.local import Shared
+from a2v_jax.federated.state import ClientState, ServerState
+
+CLIENT_STATES = ("persistent", "stateless")
+STATELESS_SALT = 0x57A7  # fold_in salt of a stateless participant's key
+
+
+class ClientStore:
+  """The population's client states on the host: one array per leaf with a leading population axis.
+
+  ``directory`` None keeps them in RAM; a directory holds one ``np.memmap`` file per leaf (for populations
+  whose states exceed memory; the OS pages in what a round gathers).
+  """
+
+  def __init__(self, stacked: ClientState, directory: Optional[str | Path] = None, *, broadcast: int = 0):
+    """From ``stacked`` states (leading population axis), or with ``broadcast`` = P from ONE client's state
+    copied P times (then :meth:`set_keys` gives each client its own key)."""
+    leaves, self.treedef = jax.tree.flatten(stacked)
+    self.directory = None if directory is None else Path(directory)
+    if self.directory is not None:
+      self.directory.mkdir(parents=True, exist_ok=True)
+    self.leaves = []
+    for i, leaf in enumerate(leaves):
+      leaf = np.asarray(jax.device_get(leaf))
+      shape = ((broadcast,) if broadcast else ()) + leaf.shape
+      if self.directory is None:
+        arr = np.empty(shape, leaf.dtype)
+      else:
+        arr = np.lib.format.open_memmap(self.directory / f"leaf_{i:03d}.npy", mode="w+", dtype=leaf.dtype,
+                                        shape=shape)
+      arr[...] = leaf
+      self.leaves.append(arr)
+    self.population = int(self.leaves[0].shape[0])
+
+  @property
+  def nbytes(self) -> int:
+    return sum(a.nbytes for a in self.leaves)
+
+  def set_keys(self, keys: np.ndarray) -> None:
+    """Writes every client's key (the ``rng`` leaf), (population, ...) like the engine's ``init_keys``."""
+    rng_index = [i for i, (p, _) in enumerate(jax.tree_util.tree_flatten_with_path(
+        jax.tree.unflatten(self.treedef, list(range(len(self.leaves)))))[0]) if "rng" in jax.tree_util.keystr(p)]
+    (i,) = rng_index
+    self.leaves[i][...] = np.asarray(keys)
+
+  def gather(self, ids: np.ndarray) -> ClientState:
+    """The states of clients ``ids`` (sorted), stacked, as device arrays."""
+    return jax.tree.unflatten(self.treedef, [jnp.asarray(a[ids]) for a in self.leaves])
+
+  def scatter(self, ids: np.ndarray, state: ClientState) -> None:
+    """Writes the states of clients ``ids`` back."""
+    for a, leaf in zip(self.leaves, jax.tree.leaves(jax.device_get(state))):
+      a[ids] = leaf
+
+  def arrays(self) -> list[np.ndarray]:
+    return self.leaves
+
+
+def stateless_cohort(cfg: Any, tx: optax.GradientTransformation, server: ServerState, ids: jax.Array) -> ClientState:
+  """Fresh participants: the global params, a fresh optimiser state, a key from (round, id), zero controls."""
+  m = ids.shape[0]
+  params = aggregate.broadcast(server.params, m)
+  base = jax.random.fold_in(jax.random.PRNGKey(STATELESS_SALT), server.round)
+  return ClientState(params=params, opt_state=jax.vmap(tx.init)(params),
+                     rng=jax.vmap(lambda i: jax.random.fold_in(base, i))(ids),
+                     control=engine.initial_control(cfg, params))
+
+
+@dataclasses.dataclass
+class PopulationRound:
+  """One round over ``population`` clients with ``cohort`` participants (see the module docstring).
+
+  ``data_fn(ids) -> (idx (m, steps*B), count (m,))`` gives the sampled clients' rows (numpy or jax);
+  ``store`` is the persistent states' :class:`ClientStore` (None = stateless).
+  """
+  alg: engine.Algorithm
+  cfg: Any
+  population: int
+  cohort: int
+  data_fn: Callable[[np.ndarray], tuple[Any, Any]]
+  store: Optional[ClientStore] = None
+
+  def __post_init__(self):
+    from a2v_jax.federated import optim
+    tx, cfg, pop, m = optim.client_optimizer(self.cfg), self.cfg, self.population, self.cohort
+
+    def sample(rng):
+      rng, chosen = engine.sample_cohort(rng, pop, m) if m < pop else (jax.random.split(rng)[0], jnp.arange(pop))
+      return rng, jnp.sort(chosen)
+
+    self._sample = jax.jit(sample)
+    self._fresh = jax.jit(lambda server, ids: stateless_cohort(cfg, tx, server, ids))
+    self._step = jax.jit(self.alg.cohort_step, donate_argnums=(0, 1))
+
+  def __call__(self, server: ServerState, shared: Shared, holders: Optional[int] = None
+               ) -> tuple[ServerState, dict[str, Any], np.ndarray]:
+    """(server, the cohort's metrics, the cohort's ids); ``holders``: clients of the population with rows
+    (SCAFFOLD's N; default every client)."""
+    rng, ids = self._sample(server.rng)
+    ids = np.asarray(ids)
+    idx, count = self.data_fn(ids)
+    data = engine.RoundData(jnp.asarray(idx, jnp.int32), jnp.asarray(count, jnp.int32))
+    sub = self.store.gather(ids) if self.store is not None else self._fresh(server, jnp.asarray(ids))
+    holders = jnp.asarray(self.population if holders is None else holders, jnp.int32)
+    server, trained, metrics = self._step(server, sub, data, shared, rng, holders)
+    if self.store is not None:
+      self.store.scatter(ids, trained)
+    return server, metrics, ids
+
+
+def make_population_round(cfg: Any, apply_fn: Callable, init_fn: Callable, *, steps: int, population: int,
+                          cohort: int, data_fn: Callable, client_state: str = "persistent",
+                          template: Optional[ClientState] = None, keys: Optional[np.ndarray] = None,
+                          store_dir: Optional[str | Path] = None) -> PopulationRound:
+  """The engine for ``population`` clients (join_ratio = cohort / population) and its round driver.
+
+  Persistent: ``template`` (one client's initial state) fills the store, ``keys`` (population, ...) its keys.
+  """
+  if client_state not in CLIENT_STATES:
+    raise ValueError(f"client_state must be one of {CLIENT_STATES}, got {client_state!r}")
+  if not 1 <= cohort <= population:
+    raise ValueError(f"cohort {cohort} must be in [1, population {population}]")
+  fed = dataclasses.replace(cfg.federation, join_ratio=cohort / population)
+  cfg = dataclasses.replace(cfg, federation=fed)
+  alg = engine.fed_a2v(cfg, apply_fn, init_fn, steps=steps, num_clients=population)
+  store = None
+  if client_state == "persistent":
+    if template is None:
+      raise ValueError("a persistent population needs the template client state")
+    store = ClientStore(template, store_dir, broadcast=population)
+    if keys is not None:
+      store.set_keys(keys)
+  return PopulationRound(alg, cfg, population, cohort, data_fn, store)
