@@ -5,6 +5,8 @@
        --feature-dim D --preset config|reference --baseline torch|none|both --yardstick \
        --memory-budget-gb G --chunk K --out benchmarks/results/scaling]
   python -m experiments.scaling --preset reference --largest-within-gb 24   # compile-only memory fit
+  python -m experiments.scaling --population 1000,10000,100000,1000000 --cohort 1000 [--client-state persistent
+      --store-dir DIR]   # cross-device: a round trains a cohort drawn from the population
 
 Per client count C, every client holds N synthetic samples (cached-feature shaped: T tokens of the
 config's AST width, no backbone needed) and trains E local epochs of ceil(N / B) steps with the config's
@@ -23,6 +25,11 @@ may use).
 
 The CLI restarts itself once with ``ALLOCATOR_ENV`` (glibc settings that keep XLA's freed buffers mapped;
 see there) unless ``--system-allocator`` is given.
+
+With ``--population``, each round samples ``--cohort`` clients of the population (``federated/population.py``):
+their rows are drawn on demand from their ids, their states come from a host store (``persistent``) or from the
+global model (``stateless``), and only they are on the device; the first row is the full-participation round of
+``--cohort`` clients for comparison. (``--clients C`` is population = cohort = C.)
 
 Writes ``scaling.csv``, ``scaling.jsonl`` and ``scaling.png`` (time per round vs C, log-log) to ``--out``.
 
@@ -50,7 +57,7 @@ from a2v_jax.config import Config  # noqa: E402
 from experiments.scalestudy.report import table, write_outputs  # noqa: E402
 from experiments.scalestudy.runners import (JaxRunner, MatmulRunner, PeakRSS, StepShapesMatmulRunner,  # noqa: E402,F401
                                             TorchRunner)
-from experiments.scalestudy.timing import largest_clients, study, time_point  # noqa: E402,F401
+from experiments.scalestudy.timing import largest_clients, population_study, study, time_point  # noqa: E402,F401
 from experiments.scalestudy.workload import (REFERENCE_PRESET, REFERENCE_SHAPES, Data, Workload,  # noqa: E402,F401
                                              cpu_threads, dense_shapes, forward_flops_per_sample, replicated_init,
                                              round_data, synthetic_data, train_flops_per_round, workload_dims)
@@ -106,8 +113,22 @@ def parse_args(argv=None) -> argparse.Namespace:
   p.add_argument("--yardstick", action="store_true", help="time a 2048^3 matmul and plain dots of the step's shapes between the rounds")
   p.add_argument("--system-allocator", action="store_true",
                  help="keep glibc's default malloc settings (no restart with ALLOCATOR_ENV)")
+  p.add_argument("--population", type=client_counts, default=None,
+                 help="comma-separated population sizes: each round trains --cohort clients drawn from it")
+  p.add_argument("--cohort", type=positive_int, default=None, help="clients per round with --population")
+  p.add_argument("--client-state", choices=["stateless", "persistent"], default="stateless",
+                 help="with --population: a participant starts from the global model (stateless) or from its own "
+                      "state kept in a host store (persistent)")
+  p.add_argument("--store-dir", default=None, help="persistent: keep the store in memmap files under this folder")
   p.add_argument("--out", default="benchmarks/results/scaling")
-  return p.parse_args(argv)
+  args = p.parse_args(argv)
+  if (args.population is None) != (args.cohort is None):
+    p.error("--population and --cohort go together")
+  if args.population is not None and args.cohort > min(args.population):
+    p.error(f"--cohort {args.cohort} is larger than the population {min(args.population)}")
+  if args.population is None and (args.client_state != "stateless" or args.store_dir):
+    p.error("--client-state and --store-dir apply to --population runs")
+  return args
 
 
 def config_for(args: argparse.Namespace) -> tuple[Config, dict]:
@@ -157,8 +178,13 @@ def main(argv=None) -> list[dict[str, Any]]:
   budget = int(args.memory_budget_gb * memory.GiB) if args.memory_budget_gb else None
   if args.largest_within_gb:
     return [largest_for_args(cfg, args, extra)]
-  rows = study(cfg, clients, workload_from_args(cfg, args, extra), rounds=args.rounds, warmup=args.warmup,
-               baseline=args.baseline, budget=budget, chunk=args.chunk, yardstick=args.yardstick)
+  if args.population is not None:
+    rows = population_study(cfg, args.population, args.cohort, workload_from_args(cfg, args, extra),
+                            client_state=args.client_state, rounds=args.rounds, warmup=args.warmup,
+                            store_dir=args.store_dir)
+  else:
+    rows = study(cfg, clients, workload_from_args(cfg, args, extra), rounds=args.rounds, warmup=args.warmup,
+                 baseline=args.baseline, budget=budget, chunk=args.chunk, yardstick=args.yardstick)
   meta = {"argv": vars(args), "threads": cpu_threads(), "allocator_env": {k: os.environ.get(k) for k in ALLOCATOR_ENV},
           "jax": jax.__version__, "device": str(jax.devices()[0]),
           "title": f"{cfg.experiment.name} ({args.preset} heads), {cpu_threads()} CPU threads"}

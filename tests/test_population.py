@@ -68,3 +68,38 @@ def test_population_arguments_are_checked():
                                      client_state="kept")
   with pytest.raises(ValueError, match="cohort 4"):
     population.make_population_round(cfg, None, None, steps=1, population=3, cohort=4, data_fn=None)
+
+
+def test_scaling_population_runner_equals_the_full_program_and_draws_rows_on_demand():
+  """``experiments.scaling --population C --cohort C --client-state persistent`` is the full-participation round
+  of C clients, number for number; a client's rows are the same function of its id in both."""
+  from a2v_jax import config
+  from experiments.scalestudy.runners import JaxRunner, PopulationRunner
+  from experiments.scalestudy.workload import Workload, client_rows, synthetic_data
+  cfg = config.load(None, ["clip_adapter_hidden=[8]", "t5_adapter_hidden=[8]", "map_heads=2", "batch_size=2",
+                           "local_epochs=1", 'server_optimizer="sgd"', "server_learning_rate=1.0",
+                           "server_momentum=0.0", 'local_drift_correction="none"'])
+  w = Workload(num_clients=4, samples_per_client=4, batch_size=2, local_epochs=1, tokens=5, feature_dim=8,
+               target_shapes={"clip": (4,), "t5": (3, 6)})
+  data = synthetic_data(w)
+  np.testing.assert_array_equal(data.rows[[2, 3]], client_rows(w, np.array([2, 3])))
+  full = JaxRunner(cfg, w, data, budget=1 << 34)
+  pop = PopulationRunner(cfg, w, 4, synthetic_data(w, with_rows=False), client_state="persistent")
+  for run in (full, pop):
+    run.setup()
+    for r in range(2):
+      run.round(r)
+  for x, y in zip(jax.tree.leaves(full.server), jax.tree.leaves(pop.server)):
+    np.testing.assert_allclose(np.asarray(x, np.float64), np.asarray(y, np.float64), rtol=1e-6, atol=1e-7)
+  for x, y in zip(jax.tree.leaves(full.clients), pop.pop.store.arrays()):
+    np.testing.assert_allclose(np.asarray(x, np.float64), np.asarray(y, np.float64), rtol=1e-6, atol=1e-7)
+
+
+def test_scaling_cli_population_arguments(capsys):
+  from experiments.scaling import parse_args
+  for argv, msg in ((["--cohort", "10"], "--population and --cohort go together"),
+                    (["--population", "100", "--cohort", "1000"], "larger than the population"),
+                    (["--client-state", "persistent"], "apply to --population runs")):
+    with pytest.raises(SystemExit) as e:
+      parse_args(argv)
+    assert e.value.code == 2 and msg in capsys.readouterr().err

@@ -19,8 +19,8 @@ from a2v_jax.config import Config
 from a2v_jax.federated import engine, optim
 from a2v_jax.federated.local import Shared
 from a2v_jax.models.heads import make_heads
-from experiments.scalestudy.workload import (Data, Workload, cpu_threads, dense_shapes, replicated_init,
-                                             round_data, train_flops_per_round)
+from experiments.scalestudy.workload import (Data, Workload, client_rows, cpu_threads, dense_shapes,
+                                             replicated_init, round_data, train_flops_per_round)
 
 class PeakRSS:
   """Peak resident set size of this process while the context is open (a 5 ms sampling thread)."""
@@ -111,6 +111,69 @@ class JaxRunner:
             "chunk": self.plan.chunk, "estimated_bytes": self.plan.estimated, "xla_bytes": self.xla_bytes,
             "param_bytes": fp.params, "opt_bytes": fp.opt_state, "working_bytes": fp.working,
             "device_peak_bytes": device_peak_bytes()}
+
+
+class PopulationRunner:
+  """A round over ``population`` clients of which ``cohort`` train (``federated/population.py``): only the cohort's
+  data (``client_rows`` of the sampled ids) and states are on the device; persistent states live in a host store.
+
+  ``w`` describes one client and the cohort (``num_clients`` = cohort): a round's samples and FLOPs are the cohort's.
+  """
+  backend = "jax-population"
+
+  def __init__(self, cfg: Config, w: Workload, population: int, data: Data, *, client_state: str = "stateless",
+               seed: int = 0, store_dir: Optional[str] = None):
+    from a2v_jax.federated import population as pop_lib
+    self.w, self.population, self.data, self.seed, self.client_state = w, population, data, seed, client_state
+    self.heads = heads = make_heads(cfg, w.target_shapes)
+    token_shape = (w.tokens, w.feature_dim)
+    self.apply_fn = lambda p, x: heads.apply({"params": p}, x)
+    self.init_fn = lambda k: heads.init(k, jnp.zeros((1,) + token_shape))["params"]
+    self.cfg, self.store_dir, self._pop_lib = cfg, store_dir, pop_lib
+    pool_w = dataclasses.replace(w, num_clients=population)  # the population's pool, as the full program's
+
+    def data_fn(ids):
+      idx = np.zeros((len(ids), w.steps * w.batch_size), np.int32)
+      idx[:, :w.samples_per_client] = client_rows(pool_w, ids)
+      return idx, np.full(len(ids), w.samples_per_client, np.int32)
+
+    self.data_fn = data_fn
+    self.flops, self.samples = train_flops_per_round(heads, w), w.samples_per_round
+    self.compile_s = self.lower_s = 0.0
+
+  def setup(self) -> None:
+    t = time.perf_counter()
+    d, cfg, pop_lib = self.data, self.cfg, self._pop_lib
+    self.shared = Shared(jnp.asarray(d.features), jnp.asarray(d.labels),
+                         {b: jnp.asarray(v) for b, v in d.targets.items()})
+    server, one = jax.jit(lambda k: replicated_init(cfg, self.init_fn, 1, k))(jax.random.PRNGKey(self.seed))
+    template = jax.tree.map(lambda x: x[0], one)
+    keys = None
+    if self.client_state == "persistent":  # every client its own key, drawn as replicated_init draws them
+      clients_key = jax.random.split(jax.random.PRNGKey(self.seed), 3)[1]
+      keys = np.asarray(jax.vmap(lambda k: jax.random.fold_in(k, 1))(jax.random.split(clients_key, self.population)))
+    self.pop = pop_lib.make_population_round(cfg, self.apply_fn, self.init_fn, steps=self.w.steps,
+                                             population=self.population, cohort=self.w.num_clients,
+                                             data_fn=self.data_fn, client_state=self.client_state,
+                                             template=template, keys=keys, store_dir=self.store_dir)
+    self.server = _block(server)
+    self.setup_s = time.perf_counter() - t
+
+  def warmup(self, r: int) -> None:
+    t = time.perf_counter()
+    self.round(r)
+    self.compile_s += time.perf_counter() - t  # the first round compiles (sampling, fresh states, the cohort step)
+
+  def round(self, r: int) -> None:
+    self.server, self.metrics, _ = self.pop(self.server, self.shared)
+    _block(self.server)
+
+  def info(self) -> dict[str, Any]:
+    loss = sum(float(np.mean(v)) for k, v in self.metrics.items() if k.endswith("_loss"))
+    store = self.pop.store
+    return {"loss": loss, "population": self.population, "cohort": self.w.num_clients,
+            "client_state": self.client_state, "store_bytes": store.nbytes if store is not None else 0,
+            "first_rounds_s": self.compile_s, "setup_s": self.setup_s, "device_peak_bytes": device_peak_bytes()}
 
 
 class TorchRunner:

@@ -12,7 +12,8 @@ import numpy as np
 
 from a2v_jax.federated import memory
 from a2v_jax.config import Config
-from experiments.scalestudy.runners import JaxRunner, MatmulRunner, PeakRSS, StepShapesMatmulRunner, TorchRunner
+from experiments.scalestudy.runners import (JaxRunner, MatmulRunner, PeakRSS, PopulationRunner,
+                                            StepShapesMatmulRunner, TorchRunner)
 from experiments.scalestudy.workload import Workload, synthetic_data
 
 def time_point(runners: Sequence[Any], *, rounds: int, warmup: int) -> list[dict[str, Any]]:
@@ -101,6 +102,42 @@ def study(cfg: Config, clients: Sequence[int], workload: dict[str, Any], *, roun
           + (f", {row['slowdown_vs_jax']:.1f}x the JAX time" if "slowdown_vs_jax" in row else ""))
     rows += point
     del jax_run, runners
+  return rows
+
+
+def population_study(cfg: Config, populations: Sequence[int], cohort: int, workload: dict[str, Any], *,
+                     client_state: str = "stateless", rounds: int = 3, warmup: int = 1, seed: int = 0,
+                     reference: bool = True, store_dir: Optional[str] = None,
+                     log: Callable[[str], None] = print) -> list[dict[str, Any]]:
+  """Rounds of a cohort of ``cohort`` clients drawn from each population size (``PopulationRunner``); with
+  ``reference``, first the full-participation round of ``cohort`` clients (``JaxRunner``), the yardstick a
+  population round should stay near. One row per point; each point is measured in turn."""
+  base = dict(workload)
+  cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, batch_size=base["batch_size"],
+                                                           local_epochs=base["local_epochs"]))
+  rows = []
+  w = Workload(num_clients=cohort, **base)
+  if reference:
+    run = JaxRunner(cfg, w, synthetic_data(w, seed), seed=seed)
+    (row,) = time_point([run], rounds=rounds, warmup=warmup)
+    row.update(population=cohort, cohort=cohort, client_state="full program")
+    log(f"full participation, C={cohort}: {row['round_s']:.4f} s/round ({row['cpu_s_per_round']:.4f} CPU s), "
+        f"peak RSS {row['peak_rss_mb']:.0f} MB")
+    rows.append(row)
+    del run
+  for p in populations:
+    data = synthetic_data(Workload(num_clients=p, **base), seed, with_rows=False)
+    run = PopulationRunner(cfg, w, p, data, client_state=client_state, seed=seed,
+                           store_dir=None if store_dir is None else f"{store_dir}/pop_{p}")
+    (row,) = time_point([run], rounds=rounds, warmup=warmup)
+    row["clients"] = p
+    if reference:
+      row["round_s_vs_full"] = row["round_s"] / rows[0]["round_s"]
+    log(f"population {p}, cohort {cohort} ({client_state}): {row['round_s']:.4f} s/round "
+        f"({row['cpu_s_per_round']:.4f} CPU s), peak RSS {row['peak_rss_mb']:.0f} MB, store "
+        f"{row['store_bytes'] / 2 ** 20:.0f} MB, first round(s) {row['first_rounds_s']:.1f} s")
+    rows.append(row)
+    del run, data
   return rows
 
 

@@ -89,16 +89,24 @@ class Data(NamedTuple):
   rows: np.ndarray               # (C, N) int32
 
 
-def synthetic_data(w: Workload, seed: int = 0) -> Data:
-  """Class-clustered token features and random per-class targets; client c holds N consecutive rows."""
+def client_rows(w: Workload, ids: np.ndarray) -> np.ndarray:
+  """(len(ids), N) pool rows of clients ``ids``: client c holds N consecutive rows (mod the pool), a function of
+  its id alone, so a population's data is drawn on demand, the same whenever a client is sampled."""
+  ids = np.asarray(ids, np.int64)
+  return ((ids[:, None] * w.samples_per_client + np.arange(w.samples_per_client)) % w.pool).astype(np.int32)
+
+
+def synthetic_data(w: Workload, seed: int = 0, *, with_rows: bool = True) -> Data:
+  """Class-clustered token features and random per-class targets; client c holds ``client_rows``.
+  ``with_rows`` False leaves ``rows`` empty (a population's rows are drawn on demand)."""
   rs = np.random.default_rng(seed)
   labels = rs.integers(0, w.num_classes, w.pool).astype(np.int32)
   centres = rs.standard_normal((w.num_classes, w.feature_dim), np.float32)
   feats = rs.standard_normal((w.pool, w.tokens, w.feature_dim), np.float32)
   feats += centres[labels][:, None, :]
   targets = {b: rs.standard_normal((w.num_classes,) + tuple(s), np.float32) for b, s in w.target_shapes.items()}
-  rows = (np.arange(w.num_clients)[:, None] * w.samples_per_client + np.arange(w.samples_per_client)) % w.pool
-  return Data(feats, labels, targets, rows.astype(np.int32))
+  rows = client_rows(w, np.arange(w.num_clients if with_rows else 0))
+  return Data(feats, labels, targets, rows)
 
 
 def round_data(w: Workload, data: Data) -> engine.RoundData:
