@@ -191,9 +191,21 @@ def init_server(cfg: Config, init_fn: Callable, server_tx: optax.GradientTransfo
 
 
 def sample_cohort(rng: jax.Array, num_clients: int, m: int) -> tuple[jax.Array, jax.Array]:
-  """(the server's next key, (m,) the sampled clients): ``m < num_clients`` drawn without replacement."""
+  """(the server's next key, (m,) the sampled clients): ``m < num_clients`` drawn without replacement.
+
+  Floyd's algorithm: a uniformly random m-subset in O(m^2) compares and m draws, whatever ``num_clients`` is (a
+  permutation of the population cost 0.5 s per round at a million clients on this CPU, a third of the round).
+  """
   rng, pick_key = jax.random.split(rng)
-  return rng, jax.random.permutation(pick_key, num_clients)[:m]
+  slots = jnp.arange(m)
+
+  def body(i, chosen):
+    j = num_clients - m + i
+    t = jax.random.randint(jax.random.fold_in(pick_key, i), (), 0, j + 1)
+    taken = jnp.any((chosen == t) & (slots < i))
+    return chosen.at[i].set(jnp.where(taken, j, t))
+
+  return rng, jax.lax.fori_loop(0, m, body, jnp.full((m,), -1, jnp.int32))
 
 
 def sample_participants(rng: jax.Array, num_clients: int, m: int, count: jax.Array) -> tuple[jax.Array, jax.Array]:
