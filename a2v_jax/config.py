@@ -300,6 +300,20 @@ class OutputConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class PrivacyConfig:
+  """Differential privacy (federated/privacy.py); every run without ``dp_level`` is untouched."""
+  # "record": DP-SGD in every node's local training (a node's clips are the records; cross-silo).
+  dp_level: Optional[Literal["record"]] = None
+  # Per-example gradient L2 clip.
+  dp_l2_clip: float = 1.0
+  # Noise std / clip; or give dp_target_epsilon and it is calibrated before round 1 (printed).
+  dp_noise_multiplier: Optional[float] = None
+  dp_target_epsilon: Optional[float] = None
+  # delta of the reported (epsilon, delta); null = 1 / n^1.1 for the smallest node's n train rows.
+  dp_delta: Optional[float] = None
+
+
+@dataclasses.dataclass(frozen=True)
 class Config:
   """The whole run configuration."""
   experiment: ExperimentConfig = ExperimentConfig()
@@ -312,6 +326,7 @@ class Config:
   federation: FederationConfig = FederationConfig()
   generators: GeneratorConfig = GeneratorConfig()
   output: OutputConfig = OutputConfig()
+  privacy: PrivacyConfig = PrivacyConfig()
 
   def to_dict(self) -> dict[str, Any]:
     return dataclasses.asdict(self)
@@ -700,8 +715,37 @@ def validate(cfg: Config) -> None:
     raise ConfigError("config key 'adapter_load_checkpoint' starts a generate run (trained heads + generators, "
                       "no training), which draws its features from generators: set 'use_pretrained_generators': "
                       "true")
+  _validate_privacy(cfg)
   if cfg.heads.map_latents_init_std <= 0:
     raise ConfigError(f"config key 'map_latents_init_std' must be > 0, got {cfg.heads.map_latents_init_std}")
+
+
+def _validate_privacy(cfg: Config) -> None:
+  p, f, g = cfg.privacy, cfg.federation, cfg.generators
+  if p.dp_level is None:
+    for key in ("dp_noise_multiplier", "dp_target_epsilon", "dp_delta"):
+      if getattr(p, key) is not None:
+        raise ConfigError(f"config key '{key}' is set but 'dp_level' is not: no DP mechanism runs; set 'dp_level': "
+                          "'record', or drop the key")
+    return
+  if (p.dp_noise_multiplier is None) == (p.dp_target_epsilon is None):
+    raise ConfigError("config key 'dp_level' needs exactly one of 'dp_noise_multiplier' (the noise) and "
+                      "'dp_target_epsilon' (the noise calibrated to it)")
+  for key in ("dp_l2_clip", "dp_noise_multiplier", "dp_target_epsilon"):
+    v = getattr(p, key)
+    if v is not None and not v > 0:
+      raise ConfigError(f"config key '{key}' must be > 0, got {v}")
+  if p.dp_delta is not None and not 0 < p.dp_delta < 1:
+    raise ConfigError(f"config key 'dp_delta' must be in (0, 1), got {p.dp_delta}")
+  unsupported = [what for what, on in (
+      ("Run 2's synthetic features (generators trained without DP)", g.use_pretrained_generators),
+      ("generator training (Run 1)", g.use_generator),
+      ("KD aggregation (the server distils on generator features)", f.adapter_aggregation_mode == "kd"),
+      ("centralised mode (one pooled client, no node to account)", f.adapter_aggregation_mode == "centralised"),
+      ("SCAFFOLD (its control variates are a second, unclipped release)", f.local_drift_correction == "scaffold"),
+      ("the reference's batch-target bug", cfg.train.reference_batch_target_bug)) if on]
+  if unsupported:
+    raise ConfigError(f"config key 'dp_level' 'record' is not supported with {unsupported[0]}; drop one of them")
 
 
 def dumps(cfg: Config) -> str:

@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import optax
 
 from a2v_jax.config import Config
-from a2v_jax.federated import optim
+from a2v_jax.federated import optim, privacy
 from a2v_jax.federated.state import ClientState
 from a2v_jax.types import Params
 
@@ -66,6 +66,27 @@ def make_local_train(cfg: Config, apply_fn: Callable, tx: optax.GradientTransfor
   correction = cfg.federation.local_drift_correction
   mu = float(cfg.federation.fedprox_mu) if correction == "fedprox" else 0.0
   scaffold = correction == "scaffold"
+  dp = cfg.privacy.dp_level == "record"
+  if dp and cfg.privacy.dp_noise_multiplier is None:
+    raise ValueError("record-level DP needs the noise multiplier (calibrate dp_target_epsilon first: "
+                     "privacy.calibrate)")
+  clip, sigma = float(cfg.privacy.dp_l2_clip), float(cfg.privacy.dp_noise_multiplier or 0.0)
+
+  def example_loss(params: Params, xi, yi):
+    losses = branch_losses(apply_fn(params, xi[None]), {b: v[None] for b, v in yi.items()}, jnp.ones((1,)),
+                           cosine_weight)
+    return sum(losses.values()), losses
+
+  def dp_grads(params: Params, x, y, mask, anchor, key):
+    """DP-SGD's gradient: per-example gradients clipped, summed with Gaussian noise, over the batch size
+    (privacy.py); FedProx's proximal term (no data in it) is added after."""
+    grads, per_example = privacy.per_example_grads(example_loss, params, x, y)
+    summed, _ = privacy.clipped_noisy_sum(grads, mask, clip, sigma, key)
+    grads = jax.tree.map(lambda g: g / batch_size, summed)
+    if mu:
+      grads = jax.tree.map(lambda g, p, a: g + mu * (p - a), grads, params, anchor)
+    denom = jnp.maximum(mask.sum(), 1.0)
+    return grads, {b: jnp.sum(v * mask) / denom for b, v in per_example.items()}
 
   def loss_fn(params: Params, x, y, mask, anchor):
     losses = branch_losses(apply_fn(params, x), y, mask, cosine_weight)
@@ -82,7 +103,7 @@ def make_local_train(cfg: Config, apply_fn: Callable, tx: optax.GradientTransfor
     shift = jax.tree.map(jnp.subtract, server_control, client.control) if scaffold else None
 
     def one_step(carry, step):
-      params, opt_state, grad_sum, order, epoch = carry
+      params, opt_state, grad_sum, order, epoch, noise_key = carry
       pos = jax.lax.dynamic_slice_in_dim(order, step * batch_size, batch_size)
       bmask = ((step * batch_size + jnp.arange(batch_size)) < count).astype(jnp.float32)
       rows = idx[pos]
@@ -94,7 +115,10 @@ def make_local_train(cfg: Config, apply_fn: Callable, tx: optax.GradientTransfor
 
       def train(state):
         params, opt_state, grad_sum = state
-        (_, losses), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, x, y, bmask, anchor)
+        if dp:
+          grads, losses = dp_grads(params, x, y, bmask, anchor, jax.random.fold_in(noise_key, step))
+        else:
+          (_, losses), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, x, y, bmask, anchor)
         if scaffold:
           grad_sum = jax.tree.map(jnp.add, grad_sum, grads)
           grads = jax.tree.map(jnp.add, grads, shift)
@@ -112,15 +136,17 @@ def make_local_train(cfg: Config, apply_fn: Callable, tx: optax.GradientTransfor
       has_data = bmask.sum() > 0
       (params, opt_state, grad_sum), losses = jax.lax.cond(has_data, train, skip,
                                                            (params, opt_state, grad_sum))
-      return (params, opt_state, grad_sum, order, epoch), (losses, has_data)
+      return (params, opt_state, grad_sum, order, epoch, noise_key), (losses, has_data)
 
     def one_epoch(carry, e):
       params, opt_state, grad_sum, n_steps, rng = carry
       rng, sub = jax.random.split(rng)
+      # DP-SGD's noise key: derived from the shuffle's, so a DP run shuffles exactly as the same run without DP
+      noise_key = jax.random.fold_in(sub, privacy.NOISE_SALT) if dp else None
       noise = jax.random.uniform(sub, idx.shape)
       order = jnp.argsort(jnp.where(valid, noise, 2.0))  # valid rows first, shuffled
-      (params, opt_state, grad_sum, _, _), (losses, real) = jax.lax.scan(
-          one_step, (params, opt_state, grad_sum, order, epoch0 + e), jnp.arange(steps_per_epoch))
+      (params, opt_state, grad_sum, _, _, _), (losses, real) = jax.lax.scan(
+          one_step, (params, opt_state, grad_sum, order, epoch0 + e, noise_key), jnp.arange(steps_per_epoch))
       n_real = jnp.maximum(real.sum(), 1)
       return ((params, opt_state, grad_sum, n_steps + real.sum(), rng),
               {b: l.sum() / n_real for b, l in losses.items()})

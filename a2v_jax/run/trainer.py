@@ -41,7 +41,7 @@ from a2v_jax import checkpoint as ckpt_lib
 from a2v_jax import features as features_lib
 from a2v_jax.config import Config
 from a2v_jax.generators import checkpoint as gen_ckpt
-from a2v_jax.federated import distributed, engine, sharding
+from a2v_jax.federated import privacy, distributed, engine, sharding
 from a2v_jax.generators import runs as generator_runs
 from a2v_jax.federated import kd as kd_lib
 from a2v_jax.federated import server_train, synthetic_share
@@ -280,6 +280,9 @@ def train_and_evaluate(cfg: Config, *, resume: bool = False, verbose: bool = Tru
   share = start_share(cfg, prepared, pretrained, lay, verbose) if pretrained is not None else None
   if share is not None:
     lay = dataclasses.replace(lay, steps=share.steps)
+  accountant = None
+  if cfg.privacy.dp_level is not None:
+    cfg, accountant = start_privacy(cfg, lay, verbose)
   token_shape = prepared.features.shape[1:]
   heads = make_heads(cfg, {b: t.shape[1:] for b, t in prepared.targets.items()})
   counts = count_params(heads, token_shape)
@@ -311,6 +314,10 @@ def train_and_evaluate(cfg: Config, *, resume: bool = False, verbose: bool = Tru
   if share is not None:
     train.append(share_stage(cfg, share, place))
   train.append(heads_stage(round_fn, data, place, lay.num_real_clients))
+  if accountant is not None:
+    if start_round:
+      accountant.restore(log.rows[-1] if log.rows else {})
+    train.append(privacy_stage(accountant))
   if carry.run1 is not None:
     train.append(run1_stage(cfg))
   if pretrained is not None:
@@ -333,6 +340,8 @@ def train_and_evaluate(cfg: Config, *, resume: bool = False, verbose: bool = Tru
   extra: dict[str, Any] = {"compiled_round_programs": round_fn._cache_size(),
                            "mean_round_seconds_after_first": mean_after_first(times),
                            "params_per_node": sum(counts.values())}
+  if accountant is not None:
+    extra["dp"] = accountant.summary(cfg)
   if carry.run1 is not None:
     extra["generator_checkpoints"] = str(gen_ckpt.checkpoint_root(g))
   if place.multi:
@@ -385,6 +394,37 @@ def heads_stage(round_fn, data: engine.RoundData, place: distributed.Placement, 
     _check_finite(m, r, num_real)
     row = {f"train/node_{i}/{k}": float(v[i]) for k, v in m.items() if k.endswith("_loss") for i in range(num_real)}
     return dataclasses.replace(carry, server=server, clients=clients, participate=m["participate"]), row
+  return stage
+
+
+def start_privacy(cfg: Config, lay: Layout, verbose: bool) -> tuple[Config, privacy.RecordAccountant]:
+  """Record-level DP: each node's sampling rate and steps per round, the noise (calibrated to
+  ``dp_target_epsilon`` over every round when that is given), the accountant. Returns the config with the noise
+  multiplier the program uses."""
+  p, b = cfg.privacy, cfg.train.batch_size
+  n = np.asarray(lay.train_count[:lay.num_real_clients], np.int64)
+  rates = np.minimum(1.0, b / np.maximum(n, 1))
+  steps = cfg.train.local_epochs * np.ceil(n / b).astype(np.int64) * (n > 0)
+  delta = privacy.dp_delta(p.dp_delta, int(n[n > 0].min()) if (n > 0).any() else 1)
+  sigma = p.dp_noise_multiplier
+  if sigma is None:
+    sigma = privacy.calibrate(p.dp_target_epsilon, list(rates), list(steps * cfg.federation.global_rounds), delta)
+    if verbose:
+      print(f"DP: noise multiplier {sigma:.4f} calibrated for epsilon {p.dp_target_epsilon} at delta {delta:.3g} "
+            f"after {cfg.federation.global_rounds} rounds (every node sampled every round)")
+  cfg = dataclasses.replace(cfg, privacy=dataclasses.replace(p, dp_noise_multiplier=float(sigma),
+                                                             dp_target_epsilon=None))
+  if verbose:
+    print(f"DP (record level): clip {p.dp_l2_clip}, noise multiplier {sigma:.4f}, delta {delta:.3g}; node sampling "
+          f"rates {np.round(rates, 4).tolist()}, DP steps per round {steps.tolist()}")
+  return cfg, privacy.RecordAccountant(rates, steps, sigma, delta)
+
+
+def privacy_stage(accountant: privacy.RecordAccountant):
+  """After the heads' round: every sampled node spent its round's DP steps; the row states each epsilon."""
+  def stage(carry: Carry, r: int):
+    accountant.record(np.asarray(carry.participate))
+    return carry, accountant.row()
   return stage
 
 
