@@ -302,15 +302,24 @@ class OutputConfig:
 @dataclasses.dataclass(frozen=True)
 class PrivacyConfig:
   """Differential privacy (federated/privacy.py); every run without ``dp_level`` is untouched."""
-  # "record": DP-SGD in every node's local training (a node's clips are the records; cross-silo).
-  dp_level: Optional[Literal["record"]] = None
+  # "record": DP-SGD in every node's local training (a node's clips are the records; cross-silo). "node": DP-FedAvg,
+  # each participant's whole update clipped at the server and noised on the sum (a client is the record;
+  # cross-device populations, sampling rate = join_ratio).
+  dp_level: Optional[Literal["record", "node"]] = None
   # Per-example gradient L2 clip.
   dp_l2_clip: float = 1.0
   # Noise std / clip; or give dp_target_epsilon and it is calibrated before round 1 (printed).
   dp_noise_multiplier: Optional[float] = None
   dp_target_epsilon: Optional[float] = None
-  # delta of the reported (epsilon, delta); null = 1 / n^1.1 for the smallest node's n train rows.
+  # delta of the reported (epsilon, delta); null = 1 / n^1.1 (n: the smallest node's train rows for "record",
+  # the clients for "node").
   dp_delta: Optional[float] = None
+  # "node" only: track the dp_target_quantile of the update norms with the clip (Andrew et al. 2021), learning rate
+  # dp_clip_learning_rate, the clipped count noised with std dp_clipped_count_stddev (null = cohort / 20).
+  dp_adaptive_clip: bool = False
+  dp_target_quantile: float = 0.5
+  dp_clip_learning_rate: float = 0.2
+  dp_clipped_count_stddev: Optional[float] = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -723,11 +732,22 @@ def validate(cfg: Config) -> None:
 def _validate_privacy(cfg: Config) -> None:
   p, f, g = cfg.privacy, cfg.federation, cfg.generators
   if p.dp_level is None:
-    for key in ("dp_noise_multiplier", "dp_target_epsilon", "dp_delta"):
+    for key in ("dp_noise_multiplier", "dp_target_epsilon", "dp_delta", "dp_clipped_count_stddev"):
       if getattr(p, key) is not None:
         raise ConfigError(f"config key '{key}' is set but 'dp_level' is not: no DP mechanism runs; set 'dp_level': "
-                          "'record', or drop the key")
+                          "'record' or 'node', or drop the key")
+    if p.dp_adaptive_clip:
+      raise ConfigError("config key 'dp_adaptive_clip' is set but 'dp_level' is not 'node'; drop it")
     return
+  if p.dp_level == "record" and (p.dp_adaptive_clip or p.dp_clipped_count_stddev is not None):
+    raise ConfigError("config key 'dp_adaptive_clip' / 'dp_clipped_count_stddev' adapts node-level DP's clip; "
+                      "'dp_level' is 'record': drop it")
+  if not 0 < p.dp_target_quantile < 1 or not p.dp_clip_learning_rate > 0:
+    raise ConfigError("config keys 'dp_target_quantile' must be in (0, 1) and 'dp_clip_learning_rate' > 0, got "
+                      f"{p.dp_target_quantile} / {p.dp_clip_learning_rate}")
+  if p.dp_level == "node" and f.adapter_aggregation_mode != "avg":
+    raise ConfigError(f"config key 'dp_level' 'node' averages clipped updates uniformly into the global model: "
+                      f"'adapter_aggregation_mode' must be 'avg', got {f.adapter_aggregation_mode!r}")
   if (p.dp_noise_multiplier is None) == (p.dp_target_epsilon is None):
     raise ConfigError("config key 'dp_level' needs exactly one of 'dp_noise_multiplier' (the noise) and "
                       "'dp_target_epsilon' (the noise calibrated to it)")
@@ -745,7 +765,8 @@ def _validate_privacy(cfg: Config) -> None:
       ("SCAFFOLD (its control variates are a second, unclipped release)", f.local_drift_correction == "scaffold"),
       ("the reference's batch-target bug", cfg.train.reference_batch_target_bug)) if on]
   if unsupported:
-    raise ConfigError(f"config key 'dp_level' 'record' is not supported with {unsupported[0]}; drop one of them")
+    raise ConfigError(f"config key 'dp_level' {p.dp_level!r} is not supported with {unsupported[0]}; drop one of "
+                      "them")
 
 
 def dumps(cfg: Config) -> str:

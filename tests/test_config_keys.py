@@ -55,7 +55,8 @@ REFUSED = {
     "generator_augmentation": ["generator_augmentation=false"],
     "generator_kl_weight": ["generator_kl_weight=1.0"],  # Run 1 only
     "shared_generator_schedule": ['shared_generator_schedule="sequential"'],  # a shared Run 1 only
-    **{k: [f"{k}=0.5"] for k in ("dp_noise_multiplier", "dp_target_epsilon", "dp_delta")},  # without dp_level
+    **{k: [f"{k}=0.5"] for k in ("dp_noise_multiplier", "dp_target_epsilon", "dp_delta", "dp_clipped_count_stddev")},
+    "dp_adaptive_clip": ["dp_adaptive_clip=true"],  # without dp_level 'node'
     "reset_generator_on_class_change": ["reset_generator_on_class_change=true"],  # can never fire here
 }
 

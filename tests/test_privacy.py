@@ -94,6 +94,20 @@ def test_dp_sgd_without_noise_and_a_loose_clip_is_plain_sgd():
     np.testing.assert_allclose(x, y, rtol=2e-4, atol=2e-6)
 
 
+def _setup_engine(extra):
+  cfg = config.load(None, ['adapter_aggregation_mode="avg"', "local_epochs=1", "batch_size=4", "clip_adapter_hidden=[16]",
+                           "t5_adapter_hidden=[16]", "map_heads=2", "num_nodes=3", *extra])
+  prep = synthetic_prepared()
+  lay = layout(cfg, prep)
+  heads = make_heads(cfg, {b: t.shape[1:] for b, t in prep.targets.items()})
+  alg = engine.fed_a2v(cfg, lambda p, x: heads.apply({"params": p}, x),
+                       lambda k: heads.init(k, jnp.zeros((1,) + prep.features.shape[1:]))["params"],
+                       steps=lay.steps, num_clients=3)
+  shared = Shared(jnp.asarray(prep.features), jnp.asarray(prep.nodes.clipset.labels),
+                  {b: jnp.asarray(t) for b, t in prep.targets.items()})
+  return cfg, alg, shared, engine.RoundData(jnp.asarray(lay.train_idx), jnp.asarray(lay.train_count)), lay
+
+
 def _rows(run_dir):
   return [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
@@ -143,3 +157,54 @@ def test_run_states_its_epsilon_every_round_and_after_a_resume(tmp_path, capsys)
 def test_bad_dp_settings_are_refused(keys, msg):
   with pytest.raises(ConfigError, match=msg):
     config.load(None, keys)
+
+
+def test_node_level_dp_bounds_an_adversarial_client():
+  """Node-level DP-FedAvg's mean: a participant sending a 10^6-sized update moves the global model by at most
+  clip / m more than without it; and in the engine's round the global model moves by at most the clip."""
+  rng = np.random.default_rng(0)
+  glob = {"w": jnp.asarray(rng.normal(size=(5, 4)), jnp.float32)}
+  honest = jnp.asarray(glob["w"][None] + 0.01 * rng.normal(size=(3, 5, 4)), jnp.float32)
+  attacked = honest.at[1].add(1e6)
+  part, key = jnp.ones(3), jax.random.key(0)
+  a, _ = privacy.dp_mean_update(glob, {"w": honest}, part, jnp.float32(0.05), 0.0, 3, key)
+  b, norms = privacy.dp_mean_update(glob, {"w": attacked}, part, jnp.float32(0.05), 0.0, 3, key)
+  assert float(norms[1]) > 1e6 and np.linalg.norm(np.asarray(a["w"] - b["w"])) <= 2 * 0.05 / 3 * (1 + 1e-5)
+  assert np.linalg.norm(np.asarray(attacked.mean(0) - honest.mean(0))) > 1e5  # plain FedAvg follows it
+  cfg, alg, shared, data, lay = _setup_engine(["server_momentum=0.0", 'dp_level="node"', "dp_noise_multiplier=1e-30",
+                                               "dp_l2_clip=1e-3"])
+  server, clients = alg.init(jax.random.PRNGKey(0))
+  new, _, _ = jax.jit(alg.round)(server, clients, data, shared)
+  moved = np.sqrt(sum(np.sum((np.asarray(x) - np.asarray(y)) ** 2)
+                      for x, y in zip(jax.tree.leaves(new.params), jax.tree.leaves(server.params))))
+  assert 0 < moved <= 1e-3 * (1 + 1e-4)
+
+
+def test_adaptive_clip_tracks_the_target_quantile():
+  rng = np.random.default_rng(0)
+  norms = jnp.asarray(rng.lognormal(0.0, 1.0, 1000), jnp.float32)  # a synthetic population's update norms
+  part, clip = jnp.ones(1000), jnp.float32(20.0)
+  step = jax.jit(lambda c, k: privacy.adaptive_clip(c, norms, part, 1000, 0.3, 0.2, 50.0, k))
+  for i in range(300):
+    clip = step(clip, jax.random.key(i))
+  assert float(clip) == pytest.approx(np.quantile(np.asarray(norms), 0.3), rel=0.1)
+  z = privacy.update_noise_multiplier(1.0, 50.0, 1000)  # the count takes a share of the budget
+  assert z > 1.0 and (z ** -2 + (2 * 50.0) ** -2) ** -0.5 == pytest.approx(1.0)
+  with pytest.raises(privacy.PrivacyError, match="raise dp_clipped_count_stddev"):
+    privacy.update_noise_multiplier(1.0, 0.4, 1000)
+
+
+def test_node_level_run_states_the_population_epsilon(tmp_path):
+  prep = synthetic_prepared()
+  cfg = config.load(None, BASE + ['dp_level="node"', "dp_noise_multiplier=0.8", "dp_adaptive_clip=true",
+                                  "dp_clipped_count_stddev=1.0", "join_ratio=0.67", "global_rounds=3",
+                                  f'output_dir="{tmp_path}"', 'name="node"'])
+  summary = train_and_evaluate(cfg, verbose=False, prepared=prep)
+  rows = _rows(tmp_path / "node")
+  delta = 1 / 3 ** 1.1
+  for r, row in enumerate(rows, 1):
+    assert row["privacy/epsilon"] == pytest.approx(privacy.epsilon(2 / 3, 0.8, r, delta), rel=1e-9)
+    assert row["privacy/dp_rounds"] == r
+  clips = [row["privacy/clip"] for row in rows]
+  assert len(set(clips)) == 3 and all(c > 0 for c in clips)  # adapted every round
+  assert summary["dp"]["level"] == "node" and summary["dp"]["epsilon"] == rows[-1]["privacy/epsilon"]

@@ -42,6 +42,9 @@ def check_deployable(cfg: Config) -> None:
   g = cfg.generators
   if g.use_generator or g.use_pretrained_generators:
     raise DeploymentError("a deployment trains heads only: set use_generator and use_pretrained_generators to false")
+  if cfg.privacy.dp_level is not None:
+    raise DeploymentError(f"config key 'dp_level' is {cfg.privacy.dp_level!r}; a deployment does not run DP yet (the "
+                          "simulation does): drop the dp_* keys")
 
 
 def check_nodes(cfg: Config, descriptions: Sequence[Mapping[str, Any]]) -> None:

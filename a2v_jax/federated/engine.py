@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import optax
 
 from a2v_jax.config import Config
-from a2v_jax.federated import aggregate, optim
+from a2v_jax.federated import aggregate, optim, privacy
 from a2v_jax.federated.local import Shared, make_local_train
 from a2v_jax.federated.state import ClientState, ServerState
 
@@ -78,6 +78,28 @@ def fed_a2v(cfg: Config, apply_fn: Callable, init_fn: Callable, *, steps: int,
     clients = jax.vmap(lambda k: init_client(cfg, init_fn, tx, k))(keys)
     return init_server(cfg, init_fn, server_tx, server_key, rng), clients
 
+  node_dp = cfg.privacy.dp_level == "node"
+  p = cfg.privacy
+  count_std = (p.dp_clipped_count_stddev if p.dp_clipped_count_stddev is not None else m / 20.0) if node_dp else 0.0
+  update_z = 0.0
+  if node_dp:
+    if p.dp_noise_multiplier is None:
+      raise ValueError("node-level DP needs the noise multiplier (calibrate dp_target_epsilon first)")
+    update_z = (privacy.update_noise_multiplier(p.dp_noise_multiplier, count_std, m) if p.dp_adaptive_clip
+                else p.dp_noise_multiplier)
+
+  def aggregate_round(server: ServerState, params: Any, count: jax.Array, part: jax.Array, key: jax.Array):
+    """(the clients' mean, the server's next clip): FedAvg's weighted mean, or node-level DP's clipped noisy one."""
+    if not node_dp:
+      return aggregate.weighted_mean(params, aggregate.client_weights(mode, count, part)), server.clip
+    k_update, k_count = jax.random.split(jax.random.fold_in(key, privacy.NODE_SALT))
+    mean, norms = privacy.dp_mean_update(server.params, params, part, server.clip, update_z, m, k_update)
+    clip = server.clip
+    if p.dp_adaptive_clip:
+      clip = privacy.adaptive_clip(clip, norms, part, m, p.dp_target_quantile, p.dp_clip_learning_rate, count_std,
+                                   k_count)
+    return mean, clip
+
   def train_all(clients: ClientState, data: RoundData, epoch0, shared: Shared, server_control):
     fn = over_clients(lambda c, i, n: local_train(c, i, n, epoch0, shared, server_control))
     if chunk is None or chunk >= data.count.shape[0]:
@@ -106,12 +128,13 @@ def fed_a2v(cfg: Config, apply_fn: Callable, init_fn: Callable, *, steps: int,
                                          / jnp.maximum(holders.astype(jnp.float32), 1.0)).astype(n.dtype),
                            trained.control, old_control)
       control = jax.tree.map(jnp.add, control, delta)
-    mean = aggregate.weighted_mean(trained.params, aggregate.client_weights(mode, sub_data.count, part))
+    mean, clip = aggregate_round(server, trained.params, sub_data.count, part, server.rng)
     if mode in BROADCAST_MODES:
       params, opt_state = server_update(server_tx, server, mean)
     else:
       params, opt_state = mean, server.opt_state
-    server = server.replace(params=params, opt_state=opt_state, round=server.round + 1, rng=rng, control=control)
+    server = server.replace(params=params, opt_state=opt_state, round=server.round + 1, rng=rng, control=control,
+                            clip=clip)
     return server, trained, metrics
 
   def cohort_round(server: ServerState, clients: ClientState, data: RoundData, shared: Shared):
@@ -155,13 +178,13 @@ def fed_a2v(cfg: Config, apply_fn: Callable, init_fn: Callable, *, steps: int,
     if scaffold:  # the paper's c += |S| / N * mean_S(c_i+ - c_i): non-participants' deltas are 0
       delta = aggregate.weighted_mean(jax.tree.map(jnp.subtract, clients.control, old_control), data.count > 0)
       control = jax.tree.map(jnp.add, control, delta)
-    mean = aggregate.weighted_mean(clients.params, aggregate.client_weights(mode, data.count, participate))
+    mean, clip = aggregate_round(server, clients.params, data.count, participate, server.rng)
     if mode in BROADCAST_MODES:
       params, opt_state = server_update(server_tx, server, mean)
     else:  # local-only: no server model; keep the mean only as a reference point
       params, opt_state = mean, server.opt_state
     server = server.replace(params=params, opt_state=opt_state, round=server.round + 1, rng=rng,
-                            control=control)
+                            control=control, clip=clip)
     metrics = dict(metrics, participate=participate)
     return server, clients, metrics
 
@@ -186,8 +209,9 @@ def init_server(cfg: Config, init_fn: Callable, server_tx: optax.GradientTransfo
                 rng: jax.Array) -> ServerState:
   """The server's state at round 0 (``init_keys`` gives ``key`` and ``rng``)."""
   params = init_fn(key)
+  clip = jnp.asarray(cfg.privacy.dp_l2_clip, jnp.float32) if cfg.privacy.dp_level == "node" else None
   return ServerState(params=params, opt_state=server_tx.init(params), round=jnp.zeros((), jnp.int32), rng=rng,
-                     control=initial_control(cfg, params))
+                     control=initial_control(cfg, params), clip=clip)
 
 
 def sample_cohort(rng: jax.Array, num_clients: int, m: int) -> tuple[jax.Array, jax.Array]:

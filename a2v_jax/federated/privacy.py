@@ -32,6 +32,7 @@ from a2v_jax.errors import A2VError
 
 NOISE_CAP = 1000.0  # the largest noise multiplier a target epsilon is calibrated within
 NOISE_SALT = 0xD9  # fold_in salt of a local epoch's DP noise key (from its shuffle key)
+NODE_SALT = 0xDA  # fold_in salt of node-level DP's noise key (from the server's key of the round)
 
 
 class PrivacyError(A2VError, ValueError):
@@ -53,6 +54,41 @@ def clipped_noisy_sum(per_example: Any, mask: jax.Array, clip: float, noise_mult
           + noise_multiplier * clip * jax.random.normal(k, x.shape[1:], jnp.float32)).astype(x.dtype)
          for x, k in zip(leaves, keys)]
   return jax.tree.unflatten(treedef, out), norms
+
+
+def dp_mean_update(global_params: Any, trained: Any, part: jax.Array, clip: jax.Array, noise_multiplier: float,
+                   expected: int, key: jax.Array) -> tuple[Any, jax.Array]:
+  """Node-level DP-FedAvg's new mean: global + (sum of the participants' updates, each clipped to ``clip``, plus
+  Gaussian noise of std ``noise_multiplier * clip``) / ``expected`` (the cohort size m, fixed: a data-independent
+  denominator). Returns (the mean, each participant's update norm)."""
+  deltas = jax.tree.map(lambda t, g: t - g[None], trained, global_params)
+  summed, norms = clipped_noisy_sum(deltas, part, clip, noise_multiplier, key)
+  return jax.tree.map(lambda g, s: g + s / expected, global_params, summed), norms
+
+
+def adaptive_clip(clip: jax.Array, norms: jax.Array, part: jax.Array, expected: int, quantile: float, lr: float,
+                  count_stddev: float, key: jax.Array) -> jax.Array:
+  """Andrew et al. (2021), quantile tracking: the share of participants whose update fits the clip, released with
+  Gaussian noise of std ``count_stddev`` on the count, moves the clip geometrically towards that quantile:
+  C <- C exp(-lr (b - quantile)), b = (#{||d_i|| <= C} + N(0, count_stddev^2)) / m."""
+  fits = jnp.sum(part.astype(jnp.float32) * (norms <= clip).astype(jnp.float32))
+  b = (fits + count_stddev * jax.random.normal(key, ())) / expected
+  return clip * jnp.exp(-lr * (b - quantile))
+
+
+def update_noise_multiplier(total: float, count_stddev: float, expected: int) -> float:
+  """The update's noise multiplier when the clipped count takes part of the budget (Andrew et al., Thm 1):
+  z_update = (z^-2 - (2 count_stddev)^-2)^(-1/2), so the pair is accounted as ONE Gaussian of multiplier z (the
+  count has sensitivity 1, the clipped sum sensitivity C).
+
+  Raises:
+    PrivacyError: the count's noise is too small for the total (nothing left for the update).
+  """
+  rest = total ** -2 - (2 * count_stddev) ** -2
+  if rest <= 0:
+    raise PrivacyError(f"adaptive clipping: the clipped count's noise ({count_stddev:g} for a cohort of {expected}) "
+                       f"leaves no budget for noise multiplier {total:g}; raise dp_clipped_count_stddev")
+  return rest ** -0.5
 
 
 def dp_event(sampling_rate: float, noise_multiplier: float, steps: int):
@@ -127,6 +163,30 @@ class RecordAccountant:
     row.update({f"privacy/node_{i}/dp_steps": int(s) for i, s in enumerate(self.steps)})
     row["privacy/epsilon_max"] = float(eps.max()) if len(eps) else 0.0
     return row
+
+
+class NodeAccountant:
+  """Population-level epsilon of node-level DP-FedAvg: one Poisson-sampled Gaussian per round at rate m / C."""
+
+  def __init__(self, rate: float, noise_multiplier: float, delta: float):
+    self.rate, self.noise_multiplier, self.delta = float(rate), float(noise_multiplier), float(delta)
+    self.rounds = 0
+
+  def record(self, participate: np.ndarray) -> None:
+    self.rounds += 1  # the server's release happens every round, whoever was sampled
+
+  def restore(self, row: dict) -> None:
+    self.rounds = int(row.get("privacy/dp_rounds", 0))
+
+  def row(self) -> dict[str, float]:
+    return {"privacy/epsilon": epsilon(round(self.rate, 12), self.noise_multiplier, self.rounds, self.delta),
+            "privacy/dp_rounds": self.rounds}
+
+  def summary(self, cfg: Any) -> dict[str, Any]:
+    return {"level": "node", "l2_clip": cfg.privacy.dp_l2_clip, "adaptive_clip": cfg.privacy.dp_adaptive_clip,
+            "noise_multiplier": self.noise_multiplier, "delta": self.delta, "sampling_rate": self.rate,
+            "accountant": "PLD (dp-accounting), one Poisson-sampled Gaussian per round", "rounds": self.rounds,
+            "epsilon": self.row()["privacy/epsilon"]}
 
 
 def per_example_grads(loss_fn: Callable, params: Any, *args) -> tuple[Any, Any]:

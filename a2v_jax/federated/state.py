@@ -34,3 +34,5 @@ class ServerState:
   rng: jax.Array
   # SCAFFOLD's server control variate (the mean of the clients' ones); None unless scaffold.
   control: Optional[Params] = None
+  # Node-level DP's clip (adapted each round with dp_adaptive_clip); None unless dp_level 'node'.
+  clip: Optional[jax.Array] = None

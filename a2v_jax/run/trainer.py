@@ -397,12 +397,14 @@ def heads_stage(round_fn, data: engine.RoundData, place: distributed.Placement, 
   return stage
 
 
-def start_privacy(cfg: Config, lay: Layout, verbose: bool) -> tuple[Config, privacy.RecordAccountant]:
+def start_privacy(cfg: Config, lay: Layout, verbose: bool) -> tuple[Config, Any]:
   """Record-level DP: each node's sampling rate and steps per round, the noise (calibrated to
   ``dp_target_epsilon`` over every round when that is given), the accountant. Returns the config with the noise
   multiplier the program uses."""
   p, b = cfg.privacy, cfg.train.batch_size
   n = np.asarray(lay.train_count[:lay.num_real_clients], np.int64)
+  if p.dp_level == "node":
+    return start_node_privacy(cfg, lay, verbose)
   rates = np.minimum(1.0, b / np.maximum(n, 1))
   steps = cfg.train.local_epochs * np.ceil(n / b).astype(np.int64) * (n > 0)
   delta = privacy.dp_delta(p.dp_delta, int(n[n > 0].min()) if (n > 0).any() else 1)
@@ -420,11 +422,34 @@ def start_privacy(cfg: Config, lay: Layout, verbose: bool) -> tuple[Config, priv
   return cfg, privacy.RecordAccountant(rates, steps, sigma, delta)
 
 
+def start_node_privacy(cfg: Config, lay: Layout, verbose: bool) -> tuple[Config, privacy.NodeAccountant]:
+  """Node-level DP-FedAvg: sampling rate m / C, one release per round, the noise (calibrated to
+  ``dp_target_epsilon`` over ``global_rounds`` when that is given)."""
+  p, c = cfg.privacy, lay.num_real_clients
+  rate = engine.num_participants(cfg, lay.train_idx.shape[0]) / c
+  delta = privacy.dp_delta(p.dp_delta, c)
+  sigma = p.dp_noise_multiplier
+  if sigma is None:
+    sigma = privacy.calibrate(p.dp_target_epsilon, [rate], [cfg.federation.global_rounds], delta)
+    if verbose:
+      print(f"DP: noise multiplier {sigma:.4f} calibrated for epsilon {p.dp_target_epsilon} at delta {delta:.3g} "
+            f"after {cfg.federation.global_rounds} rounds")
+  cfg = dataclasses.replace(cfg, privacy=dataclasses.replace(p, dp_noise_multiplier=float(sigma),
+                                                             dp_target_epsilon=None))
+  if verbose:
+    print(f"DP (node level): clip {p.dp_l2_clip}{' (adaptive)' if p.dp_adaptive_clip else ''}, noise multiplier "
+          f"{sigma:.4f}, delta {delta:.3g}, client sampling rate {rate:.4g}")
+  return cfg, privacy.NodeAccountant(rate, sigma, delta)
+
+
 def privacy_stage(accountant: privacy.RecordAccountant):
   """After the heads' round: every sampled node spent its round's DP steps; the row states each epsilon."""
   def stage(carry: Carry, r: int):
     accountant.record(np.asarray(carry.participate))
-    return carry, accountant.row()
+    row = accountant.row()
+    if carry.server.clip is not None:
+      row["privacy/clip"] = float(jax.device_get(carry.server.clip))
+    return carry, row
   return stage
 
 
