@@ -534,6 +534,9 @@ MODE_KEYS: tuple[tuple[tuple[str, ...], Any, str], ...] = (
      "it shapes the server's distillation, which runs only with 'adapter_aggregation_mode': 'kd'"),
     (("global_model_train_epochs", "global_model_train_learning_rate"), lambda c: c.federation.global_model_train,
      "it shapes the server's global training, which is off ('global_model_train': false)"),
+    (("dp_target_quantile", "dp_clip_learning_rate"),
+     lambda c: c.privacy.dp_level == "node" and c.privacy.dp_adaptive_clip,
+     "it shapes adaptive clipping, which runs only with 'dp_level': 'node' and 'dp_adaptive_clip': true"),
     (("generator_training_epochs", "generator_learning_rate", "generator_batch_size", "generator_augmentation",
       "generator_augmentation_noise", "generator_kl_weight"), _run1,
      "it shapes generator training (Run 1: 'use_generator' with 'generator_training_mode' or 'generator_only_mode'), "

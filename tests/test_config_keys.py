@@ -57,6 +57,7 @@ REFUSED = {
     "shared_generator_schedule": ['shared_generator_schedule="sequential"'],  # a shared Run 1 only
     **{k: [f"{k}=0.5"] for k in ("dp_noise_multiplier", "dp_target_epsilon", "dp_delta", "dp_clipped_count_stddev")},
     "dp_adaptive_clip": ["dp_adaptive_clip=true"],  # without dp_level 'node'
+    "dp_target_quantile": ["dp_target_quantile=0.3"], "dp_clip_learning_rate": ["dp_clip_learning_rate=0.1"],
     "reset_generator_on_class_change": ["reset_generator_on_class_change=true"],  # can never fire here
 }
 

@@ -67,37 +67,10 @@ def test_calibration_reaches_the_target_and_refuses_the_unreachable():
     privacy.calibrate(1e-6, [1.0], [10 ** 6], 1e-5)
 
 
-def test_dp_sgd_without_noise_and_a_loose_clip_is_plain_sgd():
-  """Per-example gradients averaged over the batch are the batch gradient: with no noise and a clip above every
-  example's norm, a DP round gives the plain round's numbers."""
-  def setup(extra):
-    cfg = config.load(None, ['adapter_aggregation_mode="avg"', "local_epochs=2", "batch_size=4",
-                             "clip_adapter_hidden=[16]", "t5_adapter_hidden=[16]", "map_heads=2", "num_nodes=3",
-                             *extra])
-    prep = synthetic_prepared(per_node=(20, 20, 40))  # 12 / 12 / 24 train rows: full batches of 4 only
-    lay = layout(cfg, prep)
-    heads = make_heads(cfg, {b: t.shape[1:] for b, t in prep.targets.items()})
-    alg = engine.fed_a2v(cfg, lambda p, x: heads.apply({"params": p}, x),
-                         lambda k: heads.init(k, jnp.zeros((1,) + prep.features.shape[1:]))["params"],
-                         steps=lay.steps, num_clients=3)
-    shared = Shared(jnp.asarray(prep.features), jnp.asarray(prep.nodes.clipset.labels),
-                    {b: jnp.asarray(t) for b, t in prep.targets.items()})
-    return alg, shared, engine.RoundData(jnp.asarray(lay.train_idx), jnp.asarray(lay.train_count))
-
-  alg, shared, data = setup([])
-  dp_alg, _, _ = setup(['dp_level="record"', "dp_noise_multiplier=1e-30", "dp_l2_clip=1e6"])
-  server, clients = alg.init(jax.random.PRNGKey(0))
-  a = jax.jit(alg.round)(server, clients, data, shared)
-  server, clients = dp_alg.init(jax.random.PRNGKey(0))
-  b = jax.jit(dp_alg.round)(server, clients, data, shared)
-  for x, y in zip(jax.tree.leaves(a[0].params), jax.tree.leaves(b[0].params)):
-    np.testing.assert_allclose(x, y, rtol=2e-4, atol=2e-6)
-
-
-def _setup_engine(extra):
+def _setup_engine(extra, **data):
   cfg = config.load(None, ['adapter_aggregation_mode="avg"', "local_epochs=1", "batch_size=4", "clip_adapter_hidden=[16]",
                            "t5_adapter_hidden=[16]", "map_heads=2", "num_nodes=3", *extra])
-  prep = synthetic_prepared()
+  prep = synthetic_prepared(**data)
   lay = layout(cfg, prep)
   heads = make_heads(cfg, {b: t.shape[1:] for b, t in prep.targets.items()})
   alg = engine.fed_a2v(cfg, lambda p, x: heads.apply({"params": p}, x),
@@ -106,6 +79,21 @@ def _setup_engine(extra):
   shared = Shared(jnp.asarray(prep.features), jnp.asarray(prep.nodes.clipset.labels),
                   {b: jnp.asarray(t) for b, t in prep.targets.items()})
   return cfg, alg, shared, engine.RoundData(jnp.asarray(lay.train_idx), jnp.asarray(lay.train_count)), lay
+
+
+def test_dp_sgd_without_noise_and_a_loose_clip_is_plain_sgd():
+  """Per-example gradients averaged over the batch are the batch gradient: with no noise and a clip above every
+  example's norm, a DP round gives the plain round's numbers."""
+  full_batches = dict(per_node=(20, 20, 40))  # 12 / 12 / 24 train rows: full batches of 4 only
+  _, alg, shared, data, _ = _setup_engine(["local_epochs=2"], **full_batches)
+  _, dp_alg, _, _, _ = _setup_engine(["local_epochs=2", 'dp_level="record"', "dp_noise_multiplier=1e-30",
+                                      "dp_l2_clip=1e6"], **full_batches)
+  server, clients = alg.init(jax.random.PRNGKey(0))
+  a = jax.jit(alg.round)(server, clients, data, shared)
+  server, clients = dp_alg.init(jax.random.PRNGKey(0))
+  b = jax.jit(dp_alg.round)(server, clients, data, shared)
+  for x, y in zip(jax.tree.leaves(a[0].params), jax.tree.leaves(b[0].params)):
+    np.testing.assert_allclose(x, y, rtol=2e-4, atol=2e-6)
 
 
 def _rows(run_dir):

@@ -397,52 +397,44 @@ def heads_stage(round_fn, data: engine.RoundData, place: distributed.Placement, 
   return stage
 
 
-def start_privacy(cfg: Config, lay: Layout, verbose: bool) -> tuple[Config, Any]:
-  """Record-level DP: each node's sampling rate and steps per round, the noise (calibrated to
-  ``dp_target_epsilon`` over every round when that is given), the accountant. Returns the config with the noise
-  multiplier the program uses."""
-  p, b = cfg.privacy, cfg.train.batch_size
-  n = np.asarray(lay.train_count[:lay.num_real_clients], np.int64)
-  if p.dp_level == "node":
-    return start_node_privacy(cfg, lay, verbose)
-  rates = np.minimum(1.0, b / np.maximum(n, 1))
-  steps = cfg.train.local_epochs * np.ceil(n / b).astype(np.int64) * (n > 0)
-  delta = privacy.dp_delta(p.dp_delta, int(n[n > 0].min()) if (n > 0).any() else 1)
+def _noise(cfg: Config, rates: list[float], steps: list[int], delta: float, verbose: bool) -> tuple[Config, float]:
+  """The noise multiplier (calibrated to ``dp_target_epsilon`` for ``steps`` when that is given, and printed), and
+  the config the programs are built from (with that multiplier)."""
+  p = cfg.privacy
   sigma = p.dp_noise_multiplier
   if sigma is None:
-    sigma = privacy.calibrate(p.dp_target_epsilon, list(rates), list(steps * cfg.federation.global_rounds), delta)
+    sigma = privacy.calibrate(p.dp_target_epsilon, rates, steps, delta)
     if verbose:
       print(f"DP: noise multiplier {sigma:.4f} calibrated for epsilon {p.dp_target_epsilon} at delta {delta:.3g} "
             f"after {cfg.federation.global_rounds} rounds (every node sampled every round)")
-  cfg = dataclasses.replace(cfg, privacy=dataclasses.replace(p, dp_noise_multiplier=float(sigma),
-                                                             dp_target_epsilon=None))
+  privacy_cfg = dataclasses.replace(p, dp_noise_multiplier=float(sigma), dp_target_epsilon=None)
+  return dataclasses.replace(cfg, privacy=privacy_cfg), float(sigma)
+
+
+def start_privacy(cfg: Config, lay: Layout, verbose: bool) -> tuple[Config, Any]:
+  """The run's DP accountant and the config with its noise multiplier. Record level: each node's sampling rate
+  (batch / its rows) and DP steps per round; node level: the client sampling rate m / C, one release per round."""
+  p, b, rounds = cfg.privacy, cfg.train.batch_size, cfg.federation.global_rounds
+  n = np.asarray(lay.train_count[:lay.num_real_clients], np.int64)
+  if p.dp_level == "node":
+    rate = engine.num_participants(cfg, lay.train_idx.shape[0]) / len(n)
+    delta = privacy.dp_delta(p.dp_delta, len(n))
+    cfg, sigma = _noise(cfg, [rate], [rounds], delta, verbose)
+    if verbose:
+      print(f"DP (node level): clip {p.dp_l2_clip}{' (adaptive)' if p.dp_adaptive_clip else ''}, noise multiplier "
+            f"{sigma:.4f}, delta {delta:.3g}, client sampling rate {rate:.4g}")
+    return cfg, privacy.NodeAccountant(rate, sigma, delta)
+  rates = np.minimum(1.0, b / np.maximum(n, 1))
+  steps = cfg.train.local_epochs * np.ceil(n / b).astype(np.int64) * (n > 0)
+  delta = privacy.dp_delta(p.dp_delta, int(n[n > 0].min()) if (n > 0).any() else 1)
+  cfg, sigma = _noise(cfg, list(rates), list(steps * rounds), delta, verbose)
   if verbose:
     print(f"DP (record level): clip {p.dp_l2_clip}, noise multiplier {sigma:.4f}, delta {delta:.3g}; node sampling "
           f"rates {np.round(rates, 4).tolist()}, DP steps per round {steps.tolist()}")
   return cfg, privacy.RecordAccountant(rates, steps, sigma, delta)
 
 
-def start_node_privacy(cfg: Config, lay: Layout, verbose: bool) -> tuple[Config, privacy.NodeAccountant]:
-  """Node-level DP-FedAvg: sampling rate m / C, one release per round, the noise (calibrated to
-  ``dp_target_epsilon`` over ``global_rounds`` when that is given)."""
-  p, c = cfg.privacy, lay.num_real_clients
-  rate = engine.num_participants(cfg, lay.train_idx.shape[0]) / c
-  delta = privacy.dp_delta(p.dp_delta, c)
-  sigma = p.dp_noise_multiplier
-  if sigma is None:
-    sigma = privacy.calibrate(p.dp_target_epsilon, [rate], [cfg.federation.global_rounds], delta)
-    if verbose:
-      print(f"DP: noise multiplier {sigma:.4f} calibrated for epsilon {p.dp_target_epsilon} at delta {delta:.3g} "
-            f"after {cfg.federation.global_rounds} rounds")
-  cfg = dataclasses.replace(cfg, privacy=dataclasses.replace(p, dp_noise_multiplier=float(sigma),
-                                                             dp_target_epsilon=None))
-  if verbose:
-    print(f"DP (node level): clip {p.dp_l2_clip}{' (adaptive)' if p.dp_adaptive_clip else ''}, noise multiplier "
-          f"{sigma:.4f}, delta {delta:.3g}, client sampling rate {rate:.4g}")
-  return cfg, privacy.NodeAccountant(rate, sigma, delta)
-
-
-def privacy_stage(accountant: privacy.RecordAccountant):
+def privacy_stage(accountant: Any):
   """After the heads' round: every sampled node spent its round's DP steps; the row states each epsilon."""
   def stage(carry: Carry, r: int):
     accountant.record(np.asarray(carry.participate))
