@@ -69,10 +69,9 @@ class ClientStore:
 
   def set_keys(self, keys: np.ndarray) -> None:
     """Writes every client's key (the ``rng`` leaf), (population, ...) like the engine's ``init_keys``."""
-    rng_index = [i for i, (p, _) in enumerate(jax.tree_util.tree_flatten_with_path(
-        jax.tree.unflatten(self.treedef, list(range(len(self.leaves)))))[0]) if "rng" in jax.tree_util.keystr(p)]
-    (i,) = rng_index
-    self.leaves[i][...] = np.asarray(keys)
+    paths = [jax.tree_util.keystr(p) for p, _ in
+             jax.tree_util.tree_flatten_with_path(jax.tree.unflatten(self.treedef, self.leaves))[0]]
+    self.leaves[paths.index(".rng")][...] = np.asarray(keys)
 
   def gather(self, ids: np.ndarray) -> ClientState:
     """The states of clients ``ids`` (sorted), stacked, as device arrays."""
