@@ -40,6 +40,25 @@ def _bin(name: str) -> str:
   return str(Path(sys.executable).parent / name)
 
 
+def wait_for_port(host: str, port: int, timeout_s: float, proc: subprocess.Popen) -> float:
+  """Seconds until ``host:port`` accepts a connection (the SuperLink is listening), bounded by ``timeout_s``.
+
+  Raises:
+    RuntimeError: the process exited first, or the port did not open in time (its log names why).
+  """
+  t0 = time.time()
+  while time.time() - t0 < timeout_s:
+    if proc.poll() is not None:
+      raise RuntimeError(f"the process listening on {host}:{port} exited with status {proc.returncode} before it "
+                         "listened (see its log)")
+    try:
+      with socket.create_connection((host, port), timeout=1.0):
+        return time.time() - t0
+    except OSError:
+      time.sleep(0.1)
+  raise RuntimeError(f"nothing listens on {host}:{port} after {timeout_s:.0f} s (see the SuperLink's log)")
+
+
 def _wait_rows(path: Path, n: int, timeout_s: float, procs: list) -> None:
   deadline = time.time() + timeout_s
   while time.time() < deadline:
@@ -73,7 +92,7 @@ def run(nodes: int, rounds: int, out: Path, *, kill_node: int | None = None, ext
 
   procs = [start("superlink", [_bin("flower-superlink"), "--insecure", "--host", "127.0.0.1", "--port", str(port),
                                "--database", str(out / "link.db"), "--disable-runtime-dependency-installation"])]
-  time.sleep(3)
+  wait_for_port("127.0.0.1", port, 120.0, procs[0])  # a loaded machine took 6.2 s; a fixed 3 s sleep failed there
   for i in range(nodes):
     procs.append(start(f"supernode{i}", [_bin("flower-supernode"), "--insecure", "--superlink", f"127.0.0.1:{port}",
                                           "--node-config", f"partition-id={i}", "--port", str(_free_port())]))

@@ -108,3 +108,33 @@ def test_a_lost_node_stops_the_run_or_the_rest_go_on(tmp_path, prep, policy):
   assert rows[2]["train/node_1/clip_loss"] == 0.0 and rows[2]["train/node_0/clip_loss"] > 0.0
   assert "test/node_1/clip_accuracy_on_test" not in rows[2] and "test/node_0/clip_accuracy_on_test" in rows[2]
   assert summary["nodes_missing"] == [{"round": 2, "node": 1}, {"round": 3, "node": 1}]
+
+
+def test_loopback_script_waits_for_the_superlink_port(tmp_path):
+  """benchmarks/flower_loopback.py starts the SuperNodes once the SuperLink's port answers (no fixed sleep): a
+  listener that opens late is waited for; a process that dies first is reported, naming the port."""
+  import socket
+  import subprocess
+  import sys
+  import threading
+  from benchmarks.flower_loopback import _free_port, wait_for_port
+  port = _free_port()
+  server = socket.socket()
+
+  def listen_late():
+    import time
+    time.sleep(0.5)
+    server.bind(("127.0.0.1", port))
+    server.listen()
+
+  threading.Thread(target=listen_late, daemon=True).start()
+  alive = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+  try:
+    assert 0.4 < wait_for_port("127.0.0.1", port, 10.0, alive) < 10.0
+  finally:
+    alive.kill()
+    server.close()
+  dead = subprocess.Popen([sys.executable, "-c", "raise SystemExit(3)"])
+  dead.wait()
+  with pytest.raises(RuntimeError, match=f"127.0.0.1:{port} exited with status 3"):
+    wait_for_port("127.0.0.1", port, 10.0, dead)
