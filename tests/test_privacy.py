@@ -88,8 +88,8 @@ def test_dp_sgd_without_noise_and_a_loose_clip_is_plain_sgd():
   """Per-example gradients averaged over the batch are the batch gradient: with no noise and a clip above every
   example's norm, a DP round gives the plain round's numbers."""
   full_batches = dict(per_node=(20, 20, 40))  # 12 / 12 / 24 train rows: full batches of 4 only
-  _, alg, shared, data, _ = _setup_engine(["local_epochs=2"], **full_batches)
-  _, dp_alg, _, _, _ = _setup_engine(["local_epochs=2", 'dp_level="record"', "dp_noise_multiplier=1e-30",
+  _, alg, shared, data, _ = _setup_engine([], **full_batches)
+  _, dp_alg, _, _, _ = _setup_engine(['dp_level="record"', "dp_noise_multiplier=1e-30",
                                       "dp_l2_clip=1e6"], **full_batches)
   server, clients = alg.init(jax.random.PRNGKey(0))
   a = jax.jit(alg.round)(server, clients, data, shared)
@@ -108,7 +108,7 @@ def test_run_states_its_epsilon_every_round_and_after_a_resume(tmp_path, capsys)
   dp = ['dp_level="record"', "dp_target_epsilon=3.0", "dp_delta=1e-4", "join_ratio=0.67"]
   cfg = lambda name, rounds: config.load(None, BASE + dp + [f'output_dir="{tmp_path}"', f'name="{name}"',
                                                             f"global_rounds={rounds}"])
-  summary = train_and_evaluate(cfg("straight", 4), verbose=True, prepared=prep)
+  summary = train_and_evaluate(cfg("straight", 3), verbose=True, prepared=prep)
   out = capsys.readouterr().out
   assert "DP: noise multiplier" in out and "calibrated for epsilon 3.0" in out
   rows = _rows(tmp_path / "straight")
@@ -127,8 +127,8 @@ def test_run_states_its_epsilon_every_round_and_after_a_resume(tmp_path, capsys)
   fixed = lambda name, rounds: config.load(None, BASE + dp[2:] + [
       f'output_dir="{tmp_path}"', f'name="{name}"', f"global_rounds={rounds}", 'dp_level="record"',
       f"dp_noise_multiplier={z}"])
-  train_and_evaluate(fixed("split", 2), verbose=False, prepared=prep)
-  train_and_evaluate(fixed("split", 4), resume=True, verbose=False, prepared=prep)
+  train_and_evaluate(fixed("split", 1), verbose=False, prepared=prep)
+  train_and_evaluate(fixed("split", 3), resume=True, verbose=False, prepared=prep)
   pick = lambda rows: [{k: v for k, v in r.items() if k.startswith(("privacy/", "train/"))} for r in rows]
   assert pick(_rows(tmp_path / "split")) == pick(rows)
 
