@@ -201,6 +201,9 @@ class FederationConfig:
   deployment_on_node_failure: Literal["stop", "continue"] = "stop"
 
 
+TEXT_CONDITIONS = ("text", "t5_clip")  # generator conditions built from the class text embeddings
+
+
 def generator_condition(g: "GeneratorConfig") -> Optional[str]:
   """What a conditioned generator is conditioned on ("text" unless set to "onehot"); None if unconditioned."""
   if not (g.generator_type == "cvae" or g.use_conditioned_vae):

@@ -54,7 +54,7 @@ from a2v_jax.errors import A2VError
 from a2v_jax import checkpoint as ckpt_lib
 from a2v_jax import features as features_lib
 from a2v_jax.generators import checkpoint as gc
-from a2v_jax.config import Config, generator_condition
+from a2v_jax.config import TEXT_CONDITIONS, Config, generator_condition
 from a2v_jax.data.nodes import NodeData
 from a2v_jax.data.records import Clip, ClipSet
 from a2v_jax.generators import training as gt
@@ -146,7 +146,7 @@ def draw(state: gt.GenState, scale: FeatureScale, key: PRNGKey, counts: np.ndarr
 
 def text_conditioned(cfg: Config) -> bool:
   """Whether the generators are conditioned on the class text embeddings (so need the text targets)."""
-  return generator_condition(cfg.generators) in ("text", "t5_clip")
+  return generator_condition(cfg.generators) in TEXT_CONDITIONS
 
 
 def _unit_rows(t: np.ndarray) -> np.ndarray:
@@ -164,7 +164,7 @@ def condition_table(cfg: Config, targets: dict, num_classes: int) -> Optional[np
   to unit norm like a one-hot row, so the condition's scale does not depend on the text encoder.
   """
   kind = generator_condition(cfg.generators)
-  if kind not in ("text", "t5_clip"):
+  if kind not in TEXT_CONDITIONS:
     return None
   need = ("clip", "t5") if kind == "t5_clip" else ("clip",) if "clip" in targets else ("t5",)
   missing = [b for b in need if b not in targets]
@@ -194,7 +194,7 @@ def check_condition(cfg: Config, state: gt.GenState, targets: dict, where: str) 
     GeneratorCheckpointError: the checkpoint's condition table differs (another prompt template or
       text encoder), naming the classes whose conditions differ.
   """
-  if state.spec.condition not in ("text", "t5_clip"):
+  if state.spec.condition not in TEXT_CONDITIONS:
     return
   want = condition_table(cfg, targets, state.spec.num_classes)
   have = np.asarray(state.cond_table)

@@ -58,7 +58,7 @@ import numpy as np
 import optax
 from jax.flatten_util import ravel_pytree
 
-from a2v_jax.config import ConfigError, GeneratorConfig, generator_condition
+from a2v_jax.config import TEXT_CONDITIONS, ConfigError, GeneratorConfig, generator_condition
 from a2v_jax.models import generators as gen
 from a2v_jax.types import Metrics, OptState, Params, PRNGKey
 
@@ -514,7 +514,7 @@ def init_generators(key: PRNGKey, cfg: GeneratorConfig, layout: SlotLayout, feat
   if table.shape[0] != num_classes:
     raise ValueError(f"cond_table has {table.shape[0]} rows, expected one per class ({num_classes})")
   spec = GeneratorSpec.from_config(cfg, feature_shape, num_classes, table.shape[1])
-  if spec.condition in ("text", "t5_clip") and cond_table is None:
+  if spec.condition in TEXT_CONDITIONS and cond_table is None:
     raise ValueError(f"generator_condition {spec.condition!r} needs the class text embeddings as cond_table")
   return _fresh_state(spec, layout, key, table)
 

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Callable, Sequence
+from typing import Callable, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -83,19 +83,26 @@ def _compiled_reconstruct(spec: gt.GeneratorSpec) -> Callable:
   return jax.jit(jax.vmap(slot, in_axes=(0, 0, 0, None)))
 
 
-def served_rows(state: gt.GenState, labels: np.ndarray, node: np.ndarray) -> np.ndarray:
+def row_slots(layout: gt.SlotLayout, labels: np.ndarray, node: np.ndarray) -> np.ndarray:
+  """The slot serving each row's (node, class); -1 where none does."""
+  slots = [layout.slot_for_class(int(n), int(k)) for n, k in zip(node, labels)]
+  return np.array([-1 if s is None else s for s in slots], np.int64)
+
+
+def served_rows(state: gt.GenState, labels: np.ndarray, slots: np.ndarray) -> np.ndarray:
   """Rows whose node has a generator trained on their class (a node's val split may hold classes it does not
   train on: those have nothing to be reconstructed by)."""
   seen = np.asarray(state.seen)
-  slots = [state.layout.slot_for_class(int(n), int(k)) for n, k in zip(node, labels)]
-  return np.array([s is not None and bool(seen[s, k]) for s, k in zip(slots, labels)], bool)
+  return (slots >= 0) & seen[np.maximum(slots, 0), labels]
 
 
-def reconstruct(state: gt.GenState, x: np.ndarray, labels: np.ndarray, node: np.ndarray) -> np.ndarray:
-  """Posterior-mean reconstructions (R, S, D) of rows x, each through the slot serving (its node, its class)."""
+def reconstruct(state: gt.GenState, x: np.ndarray, labels: np.ndarray, node: np.ndarray,
+                slots: Optional[np.ndarray] = None) -> np.ndarray:
+  """Posterior-mean reconstructions (R, S, D) of rows x, each through the slot serving (its node, its class)
+  (``slots``: those slots, when the caller has them)."""
   layout = state.layout
-  slots = np.array([layout.slot_for_class(int(n), int(k)) for n, k in zip(node, labels)])
-  if any(s is None for s in slots):
+  slots = row_slots(layout, labels, node) if slots is None else slots
+  if (slots < 0).any():
     raise ValueError("a validation row has no generator slot for its class")
   order = [np.flatnonzero(slots == s) for s in range(layout.num_slots)]
   width = max([len(o) for o in order] + [1])
@@ -122,9 +129,11 @@ def validate(state: gt.GenState, val: Validation, key: PRNGKey) -> dict[str, flo
   row: dict[str, float] = {}
   groups = {f"node_{c}": val.node == c for c in range(layout.num_nodes)}
   groups.update({f"class_{names(k)}": val.labels == k for k in range(state.spec.num_classes)})
-  served = served_rows(state, val.labels, val.node)
+  slots = row_slots(layout, val.labels, val.node)
+  served = served_rows(state, val.labels, slots)
   if state.spec.generator_type == "vae" and served.any():
-    stats = _recon_stats(reconstruct(state, val.rows[served], val.labels[served], val.node[served]), val.rows[served])
+    x_hat = reconstruct(state, val.rows[served], val.labels[served], val.node[served], slots[served])
+    stats = _recon_stats(x_hat, val.rows[served])
     for g, sel in groups.items():
       sel = sel[served]
       if sel.any():

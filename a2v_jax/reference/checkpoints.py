@@ -225,8 +225,7 @@ def import_adapters(cfg: Config, directory: str | Path, base: str, out: str | Pa
   by_node: dict[int, dict[str, Path]] = {}
   for p, m in files:
     by_node.setdefault(int(m["node"]), {})[f"{m['branch']}_{m['part']}"] = p
-  branches = ("clip", "t5") if cfg.heads.diffusion_type == "flux" else ("t5",) if cfg.heads.diffusion_type == "cogx" \
-      else ("clip",)
+  branches = cfg.branches
   want = {f"{b}_{part}" for b in branches for part in ("adapter", "projection")}
   nodes = list(range(cfg.data.num_nodes))
   problems = [f"node {n}: missing {sorted(want - set(by_node.get(n, {})))}" for n in nodes
@@ -236,11 +235,11 @@ def import_adapters(cfg: Config, directory: str | Path, base: str, out: str | Pa
     raise ReferenceCheckpointError(f"adapter files of round {rnd} in {directory} ({base}): " + "; ".join(problems))
   sds = {n: {k: _state_dict(load_pt(p), "adapter_state_dict", p) for k, p in by_node[n].items()} for n in nodes}
   first = sds[0]
-  in_dim = int(first[f"{branches[0]}_adapter"]["norm.weight"].shape[0]) if "norm.weight" in first[
-      f"{branches[0]}_adapter"] else None
-  if in_dim is None:
+  norm = first[f"{branches[0]}_adapter"].get("norm.weight")
+  if norm is None:
     raise ReferenceCheckpointError(f"{by_node[0][branches[0] + '_adapter'].name}: no 'norm.weight' (the adapter's "
                                    "input LayerNorm)")
+  in_dim = int(norm.shape[0])
   shapes = {}
   for b in branches:
     lat = first[f"{b}_projection"].get("latents")
