@@ -161,6 +161,11 @@ class FederationConfig:
   # none = local-only; centralised = all data on one node; kd = server distillation.
   adapter_aggregation_mode: Literal["avg", "weighted", "none", "centralised", "kd"] = "avg"
   join_ratio: float = 1.0
+  # What a node keeps between rounds. persistent (the reference): its optimiser state (AdamW moments) and key
+  # survive the load of the global heads. stateless (cross-device FedAvg): every participant starts each round
+  # from the global heads with a fresh optimiser state and a key drawn from (round, node id); nothing it learnt
+  # locally carries over except through the global model.
+  client_state: Literal["persistent", "stateless"] = "persistent"
   # Server transform on the mean client delta: sgd(1.0) is FedAvg; adam is FedAdam (Reddi et al. 2021).
   # Not applied in 'centralised' mode (one node, nothing to aggregate: its model is the model).
   server_optimizer: Literal["sgd", "adam"] = "sgd"
@@ -730,6 +735,11 @@ def validate(cfg: Config) -> None:
     raise ConfigError("config key 'adapter_load_checkpoint' starts a generate run (trained heads + generators, "
                       "no training), which draws its features from generators: set 'use_pretrained_generators': "
                       "true")
+  if f.client_state == "stateless" and (f.adapter_aggregation_mode == "none" or f.local_drift_correction == "scaffold"):
+    what = ("'adapter_aggregation_mode' 'none' (no global model to start from)" if f.adapter_aggregation_mode == "none"
+            else "SCAFFOLD (its client control variates must persist between rounds)")
+    raise ConfigError(f"config key 'client_state' 'stateless' starts every participant from the global model; it "
+                      f"cannot run with {what}")
   _validate_privacy(cfg)
   if cfg.heads.map_latents_init_std <= 0:
     raise ConfigError(f"config key 'map_latents_init_std' must be > 0, got {cfg.heads.map_latents_init_std}")

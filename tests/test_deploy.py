@@ -68,7 +68,8 @@ def test_a_node_with_another_config_is_refused_naming_the_difference(tmp_path, p
 
 @pytest.mark.parametrize("extra, key", [(['adapter_aggregation_mode="kd"', "use_generator=true",
                                           "generator_training_mode=true"], "adapter_aggregation_mode"),
-                                        (['local_drift_correction="scaffold"'], "local_drift_correction")])
+                                        (['local_drift_correction="scaffold"'], "local_drift_correction"),
+                                        (['client_state="stateless"'], "client_state")])
 def test_what_a_deployment_does_not_run_is_refused(tmp_path, prep, extra, key):
   cfg = _cfg(tmp_path, "s", *extra)
   with pytest.raises(DeploymentError, match=key):

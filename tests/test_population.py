@@ -49,7 +49,7 @@ def test_stateless_participants_start_from_the_global_model():
     server, _, ids = pop(server, shared)
     trained = []
     for c in ids:
-      fresh = population.stateless_cohort(cfg, tx, before, jnp.asarray([c]))
+      fresh = engine.fresh_clients(cfg, tx, before, jnp.asarray([c]))
       one = jax.tree.map(lambda x: x[0], fresh)
       out, _ = jax.jit(alg.local_train)(one, data.idx[c], data.count[c], before.round * cfg.train.local_epochs,
                                         shared)
@@ -59,6 +59,38 @@ def test_stateless_participants_start_from_the_global_model():
     for x, y in zip(jax.tree.leaves(server.params), jax.tree.leaves(want)):
       np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6)
   assert pop.store is None
+
+
+@pytest.mark.parametrize("join", ["0.67", "1.0"])
+def test_run_key_client_state_stateless_is_the_population_round(join):
+  """``client_state: stateless`` in a run's config: the engine's round (cohort gathered on the device at join 0.67,
+  the full program at 1.0) gives the numbers of the population round that builds its participants from nothing;
+  and it is not the persistent run (from round 2 on a participant's AdamW moments would survive)."""
+  cfg, alg, shared, data, lay = _setup("avg", [f"join_ratio={join}", 'client_state="stateless"'])
+  _, persistent, *_ = _setup("avg", [f"join_ratio={join}"])
+  server, clients = alg.init(jax.random.PRNGKey(5))
+  pop = population.PopulationRound(alg, cfg, 3, round(float(join) * 3), _data_fn(data), None)
+  host, kept = jax.tree.map(jnp.copy, server), (jax.tree.map(jnp.copy, server), jax.tree.map(jnp.copy, clients))
+  step, kept_step = jax.jit(alg.round), jax.jit(persistent.round)
+  for _ in range(3):
+    server, clients, metrics = step(server, clients, data, shared)
+    host, host_metrics, ids = pop(host, shared)
+    kept = kept_step(*kept, data, shared)[:2]
+    np.testing.assert_array_equal(np.flatnonzero(np.asarray(metrics["participate"])), ids)
+    for x, y in zip(jax.tree.leaves(server), jax.tree.leaves(host)):
+      np.testing.assert_allclose(np.asarray(x, np.float64), np.asarray(y, np.float64), rtol=2e-6, atol=1e-7)
+  gap = max(float(np.max(np.abs(np.asarray(x) - np.asarray(y))))
+            for x, y in zip(jax.tree.leaves(server.params), jax.tree.leaves(kept[0].params)))
+  assert gap > 1e-4
+
+
+def test_client_state_refusals():
+  from a2v_jax import config
+  for overrides, msg in ((['client_state="kept"'], "client_state"),
+                         (['client_state="stateless"', 'adapter_aggregation_mode="none"'], "no global model"),
+                         (['client_state="stateless"', 'local_drift_correction="scaffold"'], "SCAFFOLD")):
+    with pytest.raises(config.ConfigError, match=msg):
+      config.load(None, overrides)
 
 
 def test_population_arguments_are_checked():

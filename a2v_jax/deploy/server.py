@@ -42,6 +42,9 @@ def check_deployable(cfg: Config) -> None:
   g = cfg.generators
   if g.use_generator or g.use_pretrained_generators:
     raise DeploymentError("a deployment trains heads only: set use_generator and use_pretrained_generators to false")
+  if f.client_state != "persistent":
+    raise DeploymentError(f"config key 'client_state' is {f.client_state!r}; a deployed node keeps its state "
+                          "between rounds ('persistent'; the simulation runs both)")
   if cfg.privacy.dp_level is not None:
     raise DeploymentError(f"config key 'dp_level' is {cfg.privacy.dp_level!r}; a deployment does not run DP yet (the "
                           "simulation does): drop the dp_* keys")

@@ -27,6 +27,7 @@ from a2v_jax.federated.local import Shared, make_local_train
 from a2v_jax.federated.state import ClientState, ServerState
 
 BROADCAST_MODES = ("avg", "weighted", "kd", "centralised")
+STATELESS_SALT = 0x57A7  # fold_in salt of a stateless participant's key
 
 
 class RoundData(NamedTuple):
@@ -71,6 +72,7 @@ def fed_a2v(cfg: Config, apply_fn: Callable, init_fn: Callable, *, steps: int,
   chunk = cfg.federation.client_chunk_size
   m = num_participants(cfg, num_clients)
   scaffold = cfg.federation.local_drift_correction == "scaffold"
+  stateless = cfg.federation.client_state == "stateless"
 
   def init(rng: jax.Array) -> tuple[ServerState, ClientState]:
     server_key, keys, rng = init_keys(rng, num_clients)
@@ -148,6 +150,8 @@ def fed_a2v(cfg: Config, apply_fn: Callable, init_fn: Callable, *, steps: int,
     cohort = jnp.sort(chosen)
     sub = jax.tree.map(lambda x: x[cohort], clients)
     sub_data = RoundData(data.idx[cohort], data.count[cohort])
+    if stateless:
+      sub = aggregate.select(sub_data.count > 0, fresh_clients(cfg, tx, server, cohort), sub)
     server, trained, sub_metrics = cohort_step(server, sub, sub_data, shared, rng, (data.count > 0).sum())
     clients = jax.tree.map(lambda full, new: full.at[cohort].set(new), clients, trained)
     metrics = {k: jnp.zeros((num_clients,) + v.shape[1:], v.dtype).at[cohort].set(v) for k, v in sub_metrics.items()}
@@ -160,6 +164,8 @@ def fed_a2v(cfg: Config, apply_fn: Callable, init_fn: Callable, *, steps: int,
     if cohort and m < num_clients:
       return cohort_round(server, clients, data, shared)
     rng, participate = sample_participants(server.rng, num_clients, m, data.count)
+    if stateless:
+      clients = aggregate.select(participate, fresh_clients(cfg, tx, server, jnp.arange(num_clients)), clients)
     if mode in BROADCAST_MODES:
       global_params = aggregate.broadcast(server.params, num_clients)
       clients = clients.replace(params=aggregate.select(participate, global_params, clients.params))
@@ -202,6 +208,17 @@ def init_client(cfg: Config, init_fn: Callable, tx: optax.GradientTransformation
   """One client's state from its key (``init_keys``): heads, optimiser state, its own key, control variate."""
   params = init_fn(key)
   return ClientState(params=params, opt_state=tx.init(params), rng=jax.random.fold_in(key, 1),
+                     control=initial_control(cfg, params))
+
+
+def fresh_clients(cfg: Config, tx: optax.GradientTransformation, server: ServerState, ids: jax.Array) -> ClientState:
+  """Clients ``ids`` as ``client_state: stateless`` starts them each round: the global params, a fresh optimiser
+  state, zero controls, and a key from (the server's key of this round, id): the same whether the client is
+  gathered from the engine's state or built on demand for a population (``population.PopulationRound``)."""
+  params = aggregate.broadcast(server.params, ids.shape[0])
+  base = jax.random.fold_in(server.rng, STATELESS_SALT)
+  return ClientState(params=params, opt_state=jax.vmap(tx.init)(params),
+                     rng=jax.vmap(lambda i: jax.random.fold_in(base, i))(ids),
                      control=initial_control(cfg, params))
 
 

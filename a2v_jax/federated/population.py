@@ -12,7 +12,8 @@ keep what persists:
   directory for populations larger than memory); the cohort is gathered from it and written back. The device holds
   the cohort only. SCAFFOLD's client controls are part of the state, so they live there too.
 * ``"stateless"`` (cross-device FedAvg): each participant starts from the global model with a fresh optimiser
-  state and a key drawn from (round, client id); nothing is kept per client, so a million clients cost nothing.
+  state and a key drawn from (round, client id) (``engine.fresh_clients``, as ``client_state: stateless`` in a run);
+  nothing is kept per client, so a million clients cost nothing.
 
 With a persistent store and population = the engine's C, every number equals ``engine.cohort_round``'s (tested).
 """
@@ -26,14 +27,12 @@ from typing import Any, Callable, Optional
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 
-from a2v_jax.federated import aggregate, engine
+from a2v_jax.federated import engine
 from a2v_jax.federated.local import Shared
 from a2v_jax.federated.state import ClientState, ServerState
 
 CLIENT_STATES = ("persistent", "stateless")
-STATELESS_SALT = 0x57A7  # fold_in salt of a stateless participant's key
 
 
 class ClientStore:
@@ -86,16 +85,6 @@ class ClientStore:
     return self.leaves
 
 
-def stateless_cohort(cfg: Any, tx: optax.GradientTransformation, server: ServerState, ids: jax.Array) -> ClientState:
-  """Fresh participants: the global params, a fresh optimiser state, a key from (round, id), zero controls."""
-  m = ids.shape[0]
-  params = aggregate.broadcast(server.params, m)
-  base = jax.random.fold_in(jax.random.PRNGKey(STATELESS_SALT), server.round)
-  return ClientState(params=params, opt_state=jax.vmap(tx.init)(params),
-                     rng=jax.vmap(lambda i: jax.random.fold_in(base, i))(ids),
-                     control=engine.initial_control(cfg, params))
-
-
 @dataclasses.dataclass
 class PopulationRound:
   """One round over ``population`` clients with ``cohort`` participants (see the module docstring).
@@ -119,7 +108,7 @@ class PopulationRound:
       return rng, jnp.sort(chosen)
 
     self._sample = jax.jit(sample)
-    self._fresh = jax.jit(lambda server, ids: stateless_cohort(cfg, tx, server, ids))
+    self._fresh = jax.jit(lambda server, ids: engine.fresh_clients(cfg, tx, server, ids))
     self._step = jax.jit(self.alg.cohort_step, donate_argnums=(0, 1))
 
   def __call__(self, server: ServerState, shared: Shared, holders: Optional[int] = None
@@ -139,13 +128,15 @@ class PopulationRound:
 
 
 def make_population_round(cfg: Any, apply_fn: Callable, init_fn: Callable, *, steps: int, population: int,
-                          cohort: int, data_fn: Callable, client_state: str = "persistent",
+                          cohort: int, data_fn: Callable, client_state: Optional[str] = None,
                           template: Optional[ClientState] = None, keys: Optional[np.ndarray] = None,
                           store_dir: Optional[str | Path] = None) -> PopulationRound:
   """The engine for ``population`` clients (join_ratio = cohort / population) and its round driver.
 
   Persistent: ``template`` (one client's initial state) fills the store, ``keys`` (population, ...) its keys.
+  ``client_state`` None: the config's ``client_state``.
   """
+  client_state = client_state or cfg.federation.client_state
   if client_state not in CLIENT_STATES:
     raise ValueError(f"client_state must be one of {CLIENT_STATES}, got {client_state!r}")
   if not 1 <= cohort <= population:
