@@ -84,6 +84,11 @@ class ClientStore:
   def arrays(self) -> list[np.ndarray]:
     return self.leaves
 
+  def load(self, leaves: list[Any]) -> None:
+    """Overwrites every client's state with ``leaves`` (a restored checkpoint's, same shapes)."""
+    for a, b in zip(self.leaves, leaves, strict=True):
+      a[...] = np.asarray(b)
+
 
 @dataclasses.dataclass
 class PopulationRound:
@@ -125,6 +130,33 @@ class PopulationRound:
     if self.store is not None:
       self.store.scatter(ids, trained)
     return server, metrics, ids
+
+
+  def checkpoint_state(self, server: ServerState) -> dict[str, Any]:
+    """What a round checkpoint holds: the server and (persistent) the whole store, host arrays as they are."""
+    return {"server": server, "store": list(self.store.leaves) if self.store is not None else []}
+
+  def save(self, checkpointer: Any, server: ServerState, config: dict) -> None:
+    """Writes the round ``server.round`` just finished: server + store, checksummed (``checkpoint.RoundCheckpointer``;
+    a memmap store is copied, so its cost is the store's size: checkpoint every k rounds at large populations)."""
+    checkpointer.save(int(server.round), self.checkpoint_state(server), config,
+                      extra={"population": self.population, "cohort": self.cohort,
+                             "client_state": "persistent" if self.store is not None else "stateless"})
+
+  def restore(self, checkpointer: Any, server: ServerState, config: dict,
+              say: Callable[[str], None] = print) -> Optional[ServerState]:
+    """Resumes from the newest intact round (a damaged one is set aside, ``restore_intact``): the store is
+    overwritten with the saved one and the saved server returned; None when nothing was saved. The next rounds
+    then give the numbers of the uninterrupted run, bit for bit (sampling and keys come from the server state)."""
+    from a2v_jax import checkpoint as ckpt_lib
+    found = checkpointer.restore_intact(ckpt_lib.abstract(self.checkpoint_state(server)), config, say)
+    if found is None:
+      return None
+    state, meta = found
+    if self.store is not None:
+      self.store.load(state["store"])
+    say(f"resumed the population of {self.population} at round {meta['round']}")
+    return jax.tree.map(jnp.asarray, state["server"])
 
 
 def make_population_round(cfg: Any, apply_fn: Callable, init_fn: Callable, *, steps: int, population: int,
