@@ -328,6 +328,10 @@ class PrivacyConfig:
   dp_target_quantile: float = 0.5
   dp_clip_learning_rate: float = 0.2
   dp_clipped_count_stddev: Optional[float] = None
+  # Run 2: refuse generators trained without DP (their synthetic features would leave the nodes with no guarantee).
+  # Generators get one from a generator-only Run 1 with dp_level "record" (DP-SGD of the VAEs, epsilon per node in
+  # their checkpoint); Run 2 prints the epsilon of every generator it restores either way.
+  dp_require_generators: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -545,6 +549,8 @@ MODE_KEYS: tuple[tuple[tuple[str, ...], Any, str], ...] = (
     (("dp_target_quantile", "dp_clip_learning_rate"),
      lambda c: c.privacy.dp_level == "node" and c.privacy.dp_adaptive_clip,
      "it shapes adaptive clipping, which runs only with 'dp_level': 'node' and 'dp_adaptive_clip': true"),
+    (("dp_require_generators",), lambda c: c.generators.use_pretrained_generators,
+     "it checks the generators Run 2 restores ('use_pretrained_generators': true)"),
     (("generator_training_epochs", "generator_learning_rate", "generator_batch_size", "generator_augmentation",
       "generator_augmentation_noise", "generator_kl_weight"), _run1,
      "it shapes generator training (Run 1: 'use_generator' with 'generator_training_mode' or 'generator_only_mode'), "
@@ -773,9 +779,21 @@ def _validate_privacy(cfg: Config) -> None:
       raise ConfigError(f"config key '{key}' must be > 0, got {v}")
   if p.dp_delta is not None and not 0 < p.dp_delta < 1:
     raise ConfigError(f"config key 'dp_delta' must be in (0, 1), got {p.dp_delta}")
+  if g.use_generator and g.generator_training_mode:  # Run 1: DP-SGD of the generators (generators/training.py)
+    why = [what for what, on in (
+        ("'dp_level' 'record' (node level protects a client's whole update; generators have none)",
+         p.dp_level != "record"),
+        ("'generator_only_mode': true (heads and generators trained on the same clips in one run would be two "
+         "releases of them)", not g.generator_only_mode),
+        ("a VAE generator ('generator_type' 'vae' or 'cvae'; a GAN's discriminator is not covered)",
+         g.generator_type == "gan"),
+        ("'generator_standardize_features': false (its per-token mean and std of every node's clips would be "
+         "recorded without DP)", g.generator_standardize_features)) if on]
+    if why:
+      raise ConfigError(f"config key 'dp_level' in Run 1 trains the generators with DP-SGD, which needs {why[0]}")
   unsupported = [what for what, on in (
-      ("Run 2's synthetic features (generators trained without DP)", g.use_pretrained_generators),
-      ("generator training (Run 1)", g.use_generator),
+      ("Run 2's heads (DP heads on synthetic features are not accounted yet; 'dp_require_generators' checks the "
+       "generators' own guarantee)", g.use_pretrained_generators),
       ("KD aggregation (the server distils on generator features)", f.adapter_aggregation_mode == "kd"),
       ("centralised mode (one pooled client, no node to account)", f.adapter_aggregation_mode == "centralised"),
       ("SCAFFOLD (its control variates are a second, unclipped release)", f.local_drift_correction == "scaffold"),

@@ -206,6 +206,44 @@ class NodeAccountant:
             "epsilon": self.row()["privacy/epsilon"]}
 
 
+class GeneratorAccountant:
+  """Record-level epsilon of each node's generators (DP-SGD in a generator-only Run 1).
+
+  ``counts[i, k]``: node i's train rows of generator key k (a class, a group, or all). Every round each such cell
+  trains ``epochs`` epochs of ceil(n / B) DP steps at rate B / n, whether its generator is the node's own or shared
+  (a shared generator's visit by node i touches only node i's rows). A node's keys hold disjoint rows, so by
+  parallel composition its epsilon is the largest over its keys. Stateless: epsilon after r rounds is a function
+  of r, so a resumed Run 1 states the same numbers.
+  """
+
+  def __init__(self, counts: np.ndarray, batch_size: int, epochs: int, noise_multiplier: float, delta: float,
+               clip: float):
+    self.counts = np.asarray(counts, np.int64)
+    self.rates = np.minimum(1.0, batch_size / np.maximum(self.counts, 1))
+    self.steps_per_round = epochs * np.ceil(self.counts / batch_size).astype(np.int64) * (self.counts > 0)
+    self.noise_multiplier, self.delta, self.clip = float(noise_multiplier), float(delta), float(clip)
+
+  def epsilons(self, rounds: int) -> np.ndarray:
+    """(nodes,) epsilon of each node's generators after ``rounds`` rounds."""
+    cells = [[epsilon(round(float(q), 12), self.noise_multiplier, int(s) * rounds, self.delta) if s else 0.0
+              for q, s in zip(qs, ss)] for qs, ss in zip(self.rates, self.steps_per_round)]
+    return np.array([max(c, default=0.0) for c in cells])
+
+  def record(self, rounds: int) -> dict[str, Any]:
+    """What a generator checkpoint's manifest and the run's summary state about the guarantee."""
+    eps = self.epsilons(rounds)
+    return {"level": "record", "epsilon_per_node": [float(e) for e in eps], "epsilon_max": float(eps.max()),
+            "delta": self.delta, "noise_multiplier": self.noise_multiplier, "l2_clip": self.clip, "rounds": rounds,
+            "dp_steps_per_round": self.steps_per_round.tolist(),
+            "accountant": "PLD (dp-accounting), Poisson-sampled Gaussian steps; max over a node's generator keys"}
+
+  def row(self, rounds: int) -> dict[str, float]:
+    eps = self.epsilons(rounds)
+    row = {f"privacy/node_{i}/epsilon": float(e) for i, e in enumerate(eps)}
+    row["privacy/epsilon_max"] = float(eps.max())
+    return row
+
+
 def per_example_grads(loss_fn: Callable, params: Any, *args) -> tuple[Any, Any]:
   """(grads with a leading example axis, per-example aux) of ``loss_fn(params, *example) -> (loss, aux)`` over
   the leading axis of every array in ``args``."""

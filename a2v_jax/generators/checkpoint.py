@@ -205,6 +205,11 @@ def _read_manifest(path: Path) -> dict:
   return manifest
 
 
+def read_extra(cfg: GeneratorConfig, round_num: int) -> dict:
+  """The ``extra`` a round's manifest recorded (Run 1's data, scale, DP guarantee)."""
+  return _read_manifest(round_dir(cfg, round_num)).get("extra") or {}
+
+
 def scan_rounds(cfg: GeneratorConfig) -> tuple[list[int], list[str]]:
   """(complete rounds ascending, one line per partial / corrupt / stray entry) under the root."""
   root = checkpoint_root(cfg)

@@ -59,7 +59,7 @@ from a2v_jax.data.nodes import NodeData
 from a2v_jax.data.records import Clip, ClipSet
 from a2v_jax.generators import training as gt
 from a2v_jax.generators import validation as gv
-from a2v_jax.federated import server_train
+from a2v_jax.federated import privacy, server_train
 from a2v_jax.federated.kd import pad_rows
 from a2v_jax.models import generators as gen
 from a2v_jax.types import PRNGKey
@@ -291,6 +291,74 @@ def start_run1(cfg: Config, prepared: Any, *, resume_round: Optional[int], resum
                                condition_table(cfg, prepared.targets, len(names)))
   validation = _validation(cfg, prepared, np.asarray(pool), pool_labels, index, mask, scale)
   return Run1(state, pool, pool_labels, index, mask, key, scale, validation)
+
+
+def start_dp(cfg: Config, run: Run1, *, resumed: Optional[dict] = None, verbose: bool = True
+             ) -> tuple[Run1, Optional[privacy.GeneratorAccountant]]:
+  """Run 1 with ``dp_level: record``: the generators train with DP-SGD (``GeneratorSpec.dp_clip``/``dp_noise``,
+  the noise calibrated to ``dp_target_epsilon`` over the configured rounds when that is given, and printed) and
+  the accountant that states each node's epsilon. ``resumed``: the manifest extra of the round a resumed run
+  continues from, which must have been trained under the same DP settings.
+
+  Raises:
+    GeneratorRunError: resuming DP training from generators trained without it (or with other noise / clip).
+  """
+  p, g = cfg.privacy, cfg.generators
+  if p.dp_level is None:
+    return run, None
+  lay = run.state.layout
+  counts = np.zeros((lay.num_nodes, len(lay.keys)), np.int64)
+  key_of = np.asarray(lay.class_to_key)
+  for c in range(run.index.shape[0]):
+    np.add.at(counts[c], key_of[run.pool_labels[run.index[c][run.mask[c]]]], 1)
+  b, epochs, rounds = g.generator_batch_size, g.generator_training_epochs, cfg.federation.global_rounds
+  per_node = counts.sum(1)
+  delta = privacy.dp_delta(p.dp_delta, int(per_node[per_node > 0].min()) if (per_node > 0).any() else 1)
+  probe = privacy.GeneratorAccountant(counts, b, epochs, 1.0, delta, p.dp_l2_clip)
+  live = probe.steps_per_round > 0
+  sigma = p.dp_noise_multiplier
+  if sigma is None:
+    sigma = privacy.calibrate(p.dp_target_epsilon, list(probe.rates[live]), list(probe.steps_per_round[live] * rounds),
+                              delta)
+    if verbose:
+      print(f"DP generators: noise multiplier {sigma:.4f} calibrated for epsilon {p.dp_target_epsilon} at delta "
+            f"{delta:.3g} after {rounds} rounds")
+  accountant = privacy.GeneratorAccountant(counts, b, epochs, sigma, delta, p.dp_l2_clip)
+  if resumed is not None:
+    old = resumed.get("dp") or {}
+    if not old or abs(old.get("noise_multiplier", -1) - sigma) > 1e-9 * sigma or old.get("l2_clip") != p.dp_l2_clip:
+      raise GeneratorRunError(
+          "a DP Run 1 cannot resume from generators trained " + ("without DP" if not old else
+          f"with noise multiplier {old.get('noise_multiplier')} and clip {old.get('l2_clip')}") + f" (this run: "
+          f"{sigma:.4g}, {p.dp_l2_clip}): their guarantee would be wrong; start a new Run 1 (another "
+          "generator_checkpoint_base_name)")
+  spec = dataclasses.replace(run.state.spec, dp_clip=float(p.dp_l2_clip), dp_noise=float(sigma))
+  if verbose:
+    print(f"DP generators (record level, DP-SGD): clip {p.dp_l2_clip}, noise multiplier {sigma:.4f}, delta "
+          f"{delta:.3g}; DP steps per round per (node, key) up to {int(accountant.steps_per_round.max())}; epsilon "
+          f"after {rounds} rounds up to {accountant.epsilons(rounds).max():.3g}")
+  return dataclasses.replace(run, state=run.state.replace(spec=spec)), accountant
+
+
+def report_guarantee(cfg: Config, extra: dict, where: str, say: Any = print) -> Optional[dict]:
+  """Run 2: states the epsilon of every restored node's generators (their synthetic features leave the node),
+  or that they carry none; with ``dp_require_generators`` refuses the latter.
+
+  Raises:
+    GeneratorRunError: ``dp_require_generators`` and generators trained without DP.
+  """
+  dp = extra.get("dp")
+  if not dp:
+    if cfg.privacy.dp_require_generators:
+      raise GeneratorRunError(f"config key 'dp_require_generators' is true but the generators of {where} were "
+                              "trained without DP: their synthetic features carry no guarantee; train them with "
+                              "'dp_level': 'record' in a generator-only Run 1")
+    say(f"generators of {where}: trained WITHOUT differential privacy (their synthetic features carry no guarantee)")
+    return None
+  eps = ", ".join(f"node {i} {e:.3g}" for i, e in enumerate(dp["epsilon_per_node"]))
+  say(f"generators of {where}: record-level DP, epsilon {eps} at delta {dp['delta']:.3g} (noise multiplier "
+      f"{dp['noise_multiplier']:.4g}, clip {dp['l2_clip']}, {dp['rounds']} rounds)")
+  return dp
 
 
 def generator_row(layout: gt.SlotLayout, metrics: dict[str, np.ndarray]) -> dict[str, float]:

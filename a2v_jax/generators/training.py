@@ -59,6 +59,7 @@ import optax
 from jax.flatten_util import ravel_pytree
 
 from a2v_jax.config import TEXT_CONDITIONS, ConfigError, GeneratorConfig, generator_condition
+from a2v_jax.federated import privacy
 from a2v_jax.models import generators as gen
 from a2v_jax.types import Metrics, OptState, Params, PRNGKey
 
@@ -93,6 +94,10 @@ class GeneratorSpec:
   architecture: str = "token"  # "token" (ours) or "reference_mlp" (the reference's flattening MLP VAE)
   weight_decay: float = WEIGHT_DECAY
   grad_clip: float = GRAD_CLIP
+  # DP-SGD (record-level DP of the generators, ``privacy.dp_level: record`` in a generator-only Run 1): each
+  # example's gradient clipped to dp_clip, Gaussian noise of dp_noise * dp_clip on the sum, / batch size. 0 = off.
+  dp_clip: float = 0.0
+  dp_noise: float = 0.0
 
   @classmethod
   def from_config(cls, cfg: GeneratorConfig, feature_shape: Sequence[int], num_classes: int,
@@ -373,15 +378,11 @@ def _make_step(spec: GeneratorSpec, unravel: Any) -> Callable:
     x = xb + spec.noise_std * r[:, :feat].reshape(xb.shape) if feat else xb
     return x, r[:, feat:]
 
+  vae_grads = make_vae_grads(spec, unravel) if spec.generator_type == "vae" else None
+
   def vae_step(flat, opt_state, xb, yb, mb, key, epoch, cond_table):
     x_in, eps = draw(xb, key)
-    cond = cond_table[yb] if spec.conditioned else None
-
-    def loss_fn(f):
-      x_hat, mu, logvar = m["vae"].apply(unravel(f), x_in, eps, cond)
-      return gen.vae_loss(x_hat, xb, mu, logvar, epoch, spec.total_epochs, mb, spec.kl_weight)
-
-    (_, parts), grads = jax.value_and_grad(loss_fn, has_aux=True)(flat)
+    grads, parts = vae_grads(flat, x_in, xb, yb, mb, eps, key, epoch, cond_table)
     updates, opt_state = tx.update(grads, opt_state, flat)
     return flat + updates, opt_state, parts
 
@@ -410,6 +411,43 @@ def _make_step(spec: GeneratorSpec, unravel: Any) -> Callable:
     return {"generator": flat["generator"] + ug, "discriminator": fd}, {"generator": og, "discriminator": od}, parts
 
   return vae_step if spec.generator_type == "vae" else gan_step
+
+
+def make_vae_grads(spec: GeneratorSpec, unravel: Any) -> Callable:
+  """``grads(flat, x_in, x, y, mask, eps, key, epoch, cond_table) -> (gradient, loss parts)`` of one VAE batch
+  (``x_in`` the noisy input, ``x`` the clean target, ``eps`` the reparameterisation noise).
+
+  Without DP: the gradient of the batch's masked mean loss. With ``spec.dp_clip`` (DP-SGD): every row's own
+  gradient (its loss as a batch of one), each clipped to ``dp_clip``, summed with Gaussian noise of std
+  ``dp_noise * dp_clip``, / the batch size; the noise key is folded from the step's key. The parts are the rows'
+  means either way.
+  """
+  vae = models(spec)["vae"]
+
+  def plain(flat, x_in, x, y, mask, eps, key, epoch, cond_table):
+    cond = cond_table[y] if spec.conditioned else None
+
+    def loss_fn(f):
+      x_hat, mu, logvar = vae.apply(unravel(f), x_in, eps, cond)
+      return gen.vae_loss(x_hat, x, mu, logvar, epoch, spec.total_epochs, mask, spec.kl_weight)
+
+    (_, parts), grads = jax.value_and_grad(loss_fn, has_aux=True)(flat)
+    return grads, parts
+
+  def dp(flat, x_in, x, y, mask, eps, key, epoch, cond_table):
+    def one(f, xi, xc, yi, ei):
+      cond = cond_table[yi][None] if spec.conditioned else None
+      x_hat, mu, logvar = vae.apply(unravel(f), xi[None], ei[None], cond)
+      return gen.vae_loss(x_hat, xc[None], mu, logvar, epoch, spec.total_epochs, None, spec.kl_weight)
+
+    per, parts = privacy.per_example_grads(one, flat, x_in, x, y, eps)
+    summed, _ = privacy.clipped_noisy_sum(per, mask, spec.dp_clip, spec.dp_noise,
+                                          jax.random.fold_in(key, privacy.NOISE_SALT))
+    w = mask.astype(jnp.float32)
+    parts = {k: jnp.sum(v * w) / jnp.maximum(w.sum(), 1.0) for k, v in parts.items()}
+    return summed / spec.batch_size, parts
+
+  return dp if spec.dp_clip else plain
 
 
 def _ravel(spec: GeneratorSpec, params: Params) -> tuple[Any, Any]:

@@ -138,6 +138,7 @@ def start_pretrained(cfg: Config, prepared: Optional[Prepared], verbose: bool = 
   if verbose:
     print(f"Run 2: generators of round {rnd} restored from {gen_ckpt.round_dir(cfg.generators, rnd)} "
           f"({state.layout.num_slots} slot(s)); the AST is not used")
+  generator_runs.report_guarantee(cfg, extra, f"round {rnd}", print if verbose else (lambda _: None))
   prepared = prepared or prepare_in_turn(cfg, verbose, nodes=nodes, feature_cache_hint=extra.get("feature_cache"))
   generator_runs.check_condition(cfg, state, prepared.targets, str(gen_ckpt.round_dir(cfg.generators, rnd)))
   scale = generator_runs.FeatureScale.from_extra(extra, state.spec)
@@ -623,6 +624,8 @@ def generators_only(cfg: Config, prepared: Prepared, log: RunLog, *, resume: boo
   g = cfg.generators
   start = (gen_ckpt.latest_round(g) or 0) if resume else 0
   run = generator_runs.start_run1(cfg, prepared, resume_round=start or None, resume=resume)
+  resumed = gen_ckpt.read_extra(g, start) if start and cfg.privacy.dp_level else None
+  run, accountant = generator_runs.start_dp(cfg, run, resumed=resumed, verbose=verbose)
   if start:
     log.truncate_after(start)
     if verbose:
@@ -639,15 +642,18 @@ def generators_only(cfg: Config, prepared: Prepared, log: RunLog, *, resume: boo
 
   def save(run1, r: int, force: bool = False) -> None:
     if gen_ckpt.should_save(g, r, last) or force:
-      gen_ckpt.save_generators(g, run1.state, r, extra=extra)
+      gen_ckpt.save_generators(g, run1.state, r, extra=extra if accountant is None else {**extra,
+                                                                                      "dp": accountant.record(r)})
 
   def train(run1, r: int):
-    return generator_runs.train_round(cfg, run1, r)
+    run1, row = generator_runs.train_round(cfg, run1, r)
+    return run1, row if accountant is None else {**row, **accountant.row(r)}
 
   run, times = run_rounds(run, Rounds([train], save=save), start=start, last=last, log=log, verbose=verbose)
   return log.finish(cfg, extra={
       "generator_checkpoints": str(gen_ckpt.checkpoint_root(g)), "generator_latest_round": gen_ckpt.latest_round(g),
-      "generator_slots": run.state.layout.num_slots, "mean_round_seconds_after_first": mean_after_first(times)})
+      "generator_slots": run.state.layout.num_slots, "mean_round_seconds_after_first": mean_after_first(times),
+      **({"dp": accountant.record(last)} if accountant is not None else {})})
 
 
 def _make_server_step(cfg: Config, apply_fn, max_rows: int, place: distributed.Placement):
