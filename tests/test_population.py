@@ -177,3 +177,12 @@ def test_a_killed_population_run_resumes_bit_for_bit(tmp_path):
   with pytest.raises(ckpt_lib.CheckpointError, match="another config"):
     again.restore(ckpt, fresh, {"population": 4}, said.append)
   ckpt.close()
+
+
+def test_pfl_side_by_side_arguments(capsys, tmp_path):
+  from benchmarks.pfl_side_by_side import parse_args
+  for argv, msg in ((["--pfl-python", str(tmp_path / "nope")], "is not a file"),
+                    (["--pfl-python", __file__, "--population", "10", "--cohort", "20"], "larger than the population")):
+    with pytest.raises(SystemExit) as e:
+      parse_args(argv)
+    assert e.value.code == 2 and msg in capsys.readouterr().err
