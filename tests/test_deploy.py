@@ -2,6 +2,7 @@
 engine's numbers; nodes that disagree, modes a deployment does not run, and nodes lost mid-run."""
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -139,3 +140,81 @@ def test_loopback_script_waits_for_the_superlink_port(tmp_path):
   dead.wait()
   with pytest.raises(RuntimeError, match=f"127.0.0.1:{port} exited with status 3"):
     wait_for_port("127.0.0.1", port, 10.0, dead)
+
+
+FSDD = Path(__file__).resolve().parents[1] / "data" / "fsdd"
+
+
+@pytest.mark.skipif(not (FSDD / "recordings").is_dir(), reason="FSDD not present")
+def test_nodes_holding_only_their_own_folders_give_the_engine_s_numbers(tmp_path, monkeypatch):
+  """Three institutions, each given a folder holding only its speakers' clips (its own dataset_root, its own feature
+  cache): the deployment's rows equal the simulation's on the whole dataset, partitioned; the server reads no
+  audio and runs no encoder."""
+  sets = ['selected_classes=["zero","one"]', "num_nodes=3", "global_rounds=2", "clip_adapter_hidden=[8]",
+          "t5_adapter_hidden=[8]", "map_heads=2", "eval_gap=1", "checkpoint_frequency=5", "max_length=64",
+          'diffusion_type="cogx"', f'output_dir="{tmp_path}"', f'tiny_dir="{tmp_path / "backbones"}"']
+  cfg_file = Path(__file__).resolve().parents[1] / "experiments" / "configs" / "fsdd_tiny.json"
+  sim = config.load(str(cfg_file), sets + ['name="sim"', f'dataset_root="{FSDD}"', f'cache_dir="{tmp_path}/c"'])
+  train_and_evaluate(sim, verbose=False)
+  speakers = sorted({p.name.split("_")[1] for p in (FSDD / "recordings").iterdir()})
+  nodes = []
+  for k in range(3):  # partition 'group': sorted speaker i -> node i % 3
+    own = tmp_path / f"institution_{k}" / "recordings"
+    own.mkdir(parents=True)
+    for p in (FSDD / "recordings").iterdir():
+      if speakers.index(p.name.split("_")[1]) % 3 == k:
+        (own / p.name).symlink_to(p)
+    node_cfg = config.load(str(cfg_file), sets + ['name="dep"', 'dataset_root="/nowhere"',
+                                                   f'cache_dir="{tmp_path}/cache_{k}"'])
+    nodes.append(NodeProgram.build(node_cfg, k, dataset_root=own.parent))
+  assert [len(n.train_rows) for n in nodes] == [len(s["train"]) for s in _sim_nodes(sim)]
+
+  def no_audio(*a, **k):
+    raise AssertionError("the server must not read audio or run an encoder")
+  monkeypatch.setattr("a2v_jax.data.registry.read_dataset", no_audio)
+  monkeypatch.setattr("a2v_jax.features.ast_features", no_audio)
+  dep = config.load(str(cfg_file), sets + ['name="dep"', 'dataset_root="/server/has/no/audio"'])
+  run_deployment(dep, LocalTransport(nodes), verbose=False)
+  want, got = _rows(tmp_path / "sim"), _rows(tmp_path / "dep")
+  assert len(got) == len(want) == 2
+  for w, g in zip(want, got):
+    keys = {k for k in w if k.startswith(("train/", "test/"))}
+    assert keys == {k for k in g if k.startswith(("train/", "test/"))} and any("test/node_2/" in k for k in keys)
+    for k in keys:
+      assert g[k] == pytest.approx(w[k], rel=1e-4, abs=1e-5), (w["round"], k)
+
+
+def _sim_nodes(cfg):
+  from a2v_jax.data.nodes import build_nodes
+  return build_nodes(cfg).nodes
+
+
+def test_a_node_with_other_encoder_weights_or_seed_is_refused(tmp_path, prep):
+  cfg = _cfg(tmp_path, "s")
+  nodes = _nodes(cfg, prep)
+  for n in nodes:
+    n.backbones = {"ast": "aaaa", "t5": "bbbb"}
+  nodes[2].backbones = {"ast": "cccc", "t5": "bbbb"}
+  with pytest.raises(DeploymentError, match=r"node 2: other encoder weights than node 0 \(ast: content fingerprint"):
+    ServerProgram(cfg, [n.describe() for n in nodes])
+  nodes[2].backbones = nodes[0].backbones
+  other_seed = NodeProgram.build(_cfg(tmp_path, "s", "seed=3"), 1, prep)
+  other_seed.backbones = nodes[0].backbones
+  with pytest.raises(DeploymentError, match=r"node 1: experiment.seed: node 3 != server 2"):
+    ServerProgram(cfg, [nodes[0].describe(), other_seed.describe(), nodes[2].describe()])
+  moved = NodeProgram.build(_cfg(tmp_path, "s", 'dataset_root="/mnt/hospital_b/fsdd"', 'cache_dir="/tmp/x"'), 1, prep)
+  moved.backbones = nodes[0].backbones
+  ServerProgram(cfg, [nodes[0].describe(), moved.describe(), nodes[2].describe()])  # paths may differ
+
+
+def test_backbone_fingerprint_follows_content_not_path(tmp_path):
+  from a2v_jax.backbones.fingerprint import fingerprint
+  a, b = tmp_path / "a", tmp_path / "b"
+  for d in (a, b):
+    (d / "sub").mkdir(parents=True)
+    (d / "config.json").write_text("{}")
+    (d / "sub" / "w.bin").write_bytes(bytes(range(200)))
+  cache = tmp_path / "fp.json"
+  assert fingerprint(a, cache) == fingerprint(b, cache) == fingerprint(a)
+  (b / "sub" / "w.bin").write_bytes(bytes(range(1, 201)))
+  assert fingerprint(b, cache) != fingerprint(a, cache)

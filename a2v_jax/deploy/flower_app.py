@@ -80,11 +80,15 @@ def make_client_app(prepare: Optional[Callable[[Config], Any]] = None) -> Client
     if "partition-id" not in context.node_config:
       raise DeploymentError("this SuperNode's node config has no 'partition-id' (start it with "
                             "--node-config \"partition-id=0\")")
+    root = context.node_config.get("dataset-root")  # the node's own folder: it holds only its own clips
     key = (str(context.run_config.get("config")), str(context.run_config.get("set", "")),
-           int(context.node_config["partition-id"]))
+           int(context.node_config["partition-id"]), root)
     if key not in programs:
       cfg = load_run_config(context.run_config)
-      program = NodeProgram.build(cfg, key[2], prepare(cfg) if prepare else None)
+      if root is not None:
+        program = NodeProgram.build(cfg, key[2], dataset_root=str(root))
+      else:
+        program = NodeProgram.build(cfg, key[2], prepare(cfg) if prepare else None)
       programs[key] = (program, jax.tree.structure(jax.eval_shape(program.init_state)))  # (shapes only)
     return programs[key]
 

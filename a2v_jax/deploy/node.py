@@ -13,6 +13,7 @@ round; and the node's rows are re-indexed into its local feature array without c
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 from typing import Any, Optional
 
 import jax
@@ -32,6 +33,9 @@ SPLITS = ("val", "test")
 # Config sections whose values must agree between a node and the server (what the heads, the data
 # partition and the local training are); output paths, logging and rendering may differ.
 AGREED_SECTIONS = ("data", "features", "text", "heads", "train", "federation")
+AGREED_EXPERIMENT = ("seed", "param_dtype")  # the seed fixes every node's initialisation, shuffles and splits
+# Where things lie on each machine: never compared (the backbones are compared by content instead).
+LOCAL_PATHS = (("data", "dataset_root"), ("features", "cache_dir"), ("federation", "adapter_load_checkpoint"))
 
 
 class DeploymentError(A2VError, RuntimeError):
@@ -39,9 +43,46 @@ class DeploymentError(A2VError, RuntimeError):
 
 
 def agreed_config(cfg: Config) -> dict[str, Any]:
-  """The part of a config that nodes and server must share (compared key by key at start-up)."""
+  """The part of a config that nodes and server must share (compared key by key at start-up): the sections that
+  fix the heads, data handling and training, the seed; not the machine's own paths (``LOCAL_PATHS``)."""
   d = cfg.to_dict()
-  return {k: d[k] for k in AGREED_SECTIONS if k in d}
+  out = {k: dict(d[k]) for k in AGREED_SECTIONS if k in d}
+  out["experiment"] = {k: d["experiment"][k] for k in AGREED_EXPERIMENT}
+  for section, key in LOCAL_PATHS:
+    out.get(section, {}).pop(key, None)
+  return out
+
+
+def backbone_fingerprints(cfg: Config) -> dict[str, str]:
+  """Content fingerprints of the encoders a node runs (AST; the text encoders of its branches)."""
+  from a2v_jax.backbones.fingerprint import fingerprint
+  from a2v_jax.backbones.paths import backbone_dir
+  kinds = ["ast"] + sorted({"clip_text" if b == "clip" else "t5" for b in cfg.branches})
+  cache = Path(cfg.features.cache_dir) / "backbone_fingerprints.json"
+  return {k: fingerprint(backbone_dir(cfg, k), cache) for k in kinds}
+
+
+def own_data(cfg: Config, node_id: int, dataset_root: str | Path) -> Any:
+  """The node's ``NodeData`` from its own folder alone: every clip there is this node's, split as the simulation
+  splits node ``node_id`` (seed ``node_split_seed + node_id``), so the rows are the ones the simulation gives that
+  node when the folder holds exactly them.
+
+  Raises:
+    DeploymentError: a partition setting that would pick a subset of the node's clips.
+  """
+  from a2v_jax.data.nodes import NodeData
+  from a2v_jax.data.partition import split
+  from a2v_jax.data.registry import read_dataset
+  d = dataclasses.replace(cfg.data, dataset_root=str(dataset_root))
+  if d.samples_per_node is not None or d.partition == "reference":
+    raise DeploymentError(f"node {node_id} reads its own folder {dataset_root}, so it uses every clip there: "
+                          "'samples_per_node' and the 'reference' partition (which pick clips out of a shared "
+                          "dataset) do not apply; drop them")
+  clipset = read_dataset(d)
+  parts = split(clipset, np.arange(len(clipset.clips)), d.split, seed=d.node_split_seed + node_id,
+                train_ratio=d.train_ratio, val_ratio=d.val_ratio, test_ratio=d.test_ratio,
+                official_val_fraction=d.official_val_fraction)
+  return NodeData(clipset=clipset, nodes=(parts,))
 
 
 @dataclasses.dataclass
@@ -56,19 +97,34 @@ class NodeProgram:
   class_names: tuple[str, ...]
   apply_fn: Any
   init_fn: Any
+  backbones: Optional[dict[str, str]] = None  # content fingerprints of the encoders (None: data given, no encoders)
   _programs: dict = dataclasses.field(default_factory=dict, repr=False)  # compiled programs, by kind and steps
 
   @classmethod
-  def build(cls, cfg: Config, node_id: int, prepared: Optional[Any] = None, verbose: bool = False) -> "NodeProgram":
+  def build(cls, cfg: Config, node_id: int, prepared: Optional[Any] = None, verbose: bool = False, *,
+            dataset_root: Optional[str | Path] = None) -> "NodeProgram":
     """The node's rows of ``prepared`` (the trainer's ``Prepared``; built from ``cfg`` when None: the same
-    dataset, partition and feature cache as ``experiments.run``)."""
+    dataset, partition and feature cache as ``experiments.run``). ``dataset_root``: the node holds only its own
+    clips, in that folder (any layout the dataset's reader accepts): all of them are its rows (``own_data``), its
+    features are cached under its own ``cache_dir``; the rest of the partition is never read."""
+    num_nodes = cfg.data.num_nodes
+    if not 0 <= node_id < num_nodes:
+      raise DeploymentError(f"node id {node_id} is outside the partition's {num_nodes} node(s) (0..{num_nodes - 1})")
+    fingerprints = None
     if prepared is None:
       from a2v_jax.run.trainer import prepare
-      prepared = prepare(cfg, verbose=verbose)
+      if dataset_root is not None:
+        prepared = prepare(dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, dataset_root=str(dataset_root))),
+                           verbose=verbose, nodes=own_data(cfg, node_id, dataset_root))
+      else:
+        prepared = prepare(cfg, verbose=verbose)
+      fingerprints = backbone_fingerprints(cfg)
+    elif dataset_root is not None:
+      raise ValueError("give the node's prepared data or its dataset_root, not both")
     nodes = prepared.nodes.nodes
-    if not 0 <= node_id < len(nodes):
-      raise DeploymentError(f"node id {node_id} is outside the partition's {len(nodes)} node(s) (0..{len(nodes) - 1})")
-    own = nodes[node_id]
+    if dataset_root is None and len(nodes) != num_nodes:
+      raise DeploymentError(f"the partition has {len(nodes)} node(s), the config {num_nodes}")
+    own = nodes[0 if dataset_root is not None else node_id]
     parts = {k: np.asarray(own[k], np.int64) for k in ("train",) + SPLITS}
     rows = np.concatenate(list(parts.values()))
     local, start = {}, 0
@@ -80,8 +136,8 @@ class NodeProgram:
                     {b: jnp.asarray(t) for b, t in prepared.targets.items()})
     heads = make_heads(cfg, {b: t.shape[1:] for b, t in prepared.targets.items()})
     apply_fn, init_fn = head_functions(heads, feats.shape[1:])
-    return cls(cfg, node_id, len(nodes), shared, local["train"], {k: local[k] for k in SPLITS},
-               prepared.class_names, apply_fn, init_fn)
+    return cls(cfg, node_id, num_nodes, shared, local["train"], {k: local[k] for k in SPLITS},
+               prepared.class_names, apply_fn, init_fn, fingerprints)
 
   def describe(self) -> dict[str, Any]:
     """What the server checks and needs at start-up (the query reply)."""
@@ -89,7 +145,7 @@ class NodeProgram:
             **{f"{k}_count": int(len(v)) for k, v in self.split_rows.items()},
             "token_shape": [int(v) for v in self.shared.features.shape[1:]],
             "target_shapes": {b: [int(v) for v in t.shape[1:]] for b, t in self.shared.targets.items()},
-            "class_names": list(self.class_names), "config": agreed_config(self.cfg)}
+            "class_names": list(self.class_names), "config": agreed_config(self.cfg), "backbones": self.backbones}
 
   def init_state(self) -> ClientState:
     """This node's client state exactly as ``engine.fed_a2v(...).init`` makes it for client ``node_id``."""

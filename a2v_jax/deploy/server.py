@@ -69,6 +69,11 @@ def check_nodes(cfg: Config, descriptions: Sequence[Mapping[str, Any]]) -> None:
     for k in ("token_shape", "target_shapes", "class_names", "num_nodes"):
       if d[k] != first[k]:
         problems.append(f"node {n}: {k} {d[k]} vs node {first['node_id']}'s {first[k]}")
+    theirs, ours = d.get("backbones") or {}, first.get("backbones") or {}
+    other = sorted(k for k in set(theirs) | set(ours) if theirs.get(k) != ours.get(k))
+    if other:
+      problems.append(f"node {n}: other encoder weights than node {first['node_id']} ({', '.join(other)}: content "
+                      f"fingerprint {[theirs.get(k) for k in other]} vs {[ours.get(k) for k in other]})")
   if problems:
     raise DeploymentError("nodes disagree with the server's config:\n  " + "\n  ".join(problems))
 
