@@ -18,23 +18,32 @@ def _data_fn(data):
 
 @pytest.mark.parametrize("mode, extra, on_disk", [("weighted", ['local_drift_correction="scaffold"'], False),
                                                    ("avg", [], True)])
-def test_persistent_store_equals_the_in_memory_cohort_round(mode, extra, on_disk, tmp_path):
+@pytest.mark.parametrize("flush_each_round", [False, True])
+def test_persistent_store_equals_the_in_memory_cohort_round(mode, extra, on_disk, flush_each_round, tmp_path):
   """Population 3, cohort 2, three rounds: states gathered from (and written back to) a host store -- in RAM or
-  memmap files -- give the numbers of the engine's cohort round on device states: server, every client."""
+  memmap files, pipelined (the next cohort gathered while a round trains, its rows the round trains patched from
+  the result) or flushed every round -- give the numbers of the engine's cohort round on device states: server,
+  every client."""
   cfg, alg, shared, data, lay = _setup(mode, ["join_ratio=0.67", *extra])
   server, clients = alg.init(jax.random.PRNGKey(3))
   store = population.ClientStore(clients, tmp_path / "store" if on_disk else None)
   pop = population.PopulationRound(alg, cfg, 3, 2, _data_fn(data), store)
   host_server = jax.tree.map(jnp.copy, server)
   step = jax.jit(alg.round)
-  for _ in range(3):
+  def same_clients():
+    pop.flush()
+    for x, y in zip(jax.tree.leaves(clients), store.arrays()):
+      np.testing.assert_allclose(np.asarray(x, np.float64), np.asarray(y, np.float64), rtol=1e-6, atol=1e-7)
+
+  for _ in range(4):  # 2 of 3 each round: consecutive cohorts always share a client (the patched rows)
     server, clients, metrics = step(server, clients, data, shared)
     host_server, host_metrics, ids = pop(host_server, shared, holders=int((np.asarray(data.count) > 0).sum()))
     np.testing.assert_array_equal(np.flatnonzero(np.asarray(metrics["participate"])), ids)
     for x, y in zip(jax.tree.leaves(server), jax.tree.leaves(host_server)):
       np.testing.assert_allclose(np.asarray(x, np.float64), np.asarray(y, np.float64), rtol=1e-6, atol=1e-7)
-    for x, y in zip(jax.tree.leaves(clients), store.arrays()):
-      np.testing.assert_allclose(np.asarray(x, np.float64), np.asarray(y, np.float64), rtol=1e-6, atol=1e-7)
+    if flush_each_round:
+      same_clients()
+  same_clients()
   if on_disk:
     assert sorted(p.name for p in (tmp_path / "store").iterdir())[0] == "leaf_000.npy"
 
@@ -125,6 +134,7 @@ def test_scaling_population_runner_equals_the_full_program_and_draws_rows_on_dem
       run.round(r)
   for x, y in zip(jax.tree.leaves(full.server), jax.tree.leaves(pop.server)):
     np.testing.assert_allclose(np.asarray(x, np.float64), np.asarray(y, np.float64), rtol=1e-6, atol=1e-7)
+  pop.pop.flush()
   for x, y in zip(jax.tree.leaves(full.clients), pop.pop.store.arrays()):
     np.testing.assert_allclose(np.asarray(x, np.float64), np.asarray(y, np.float64), rtol=1e-6, atol=1e-7)
 
@@ -172,6 +182,7 @@ def test_a_killed_population_run_resumes_bit_for_bit(tmp_path):
     resumed, _, _ = again(resumed, shared)
   for x, y in zip(jax.tree.leaves(server), jax.tree.leaves(resumed)):
     np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+  pop.flush(), again.flush()
   for x, y in zip(pop.store.arrays(), again.store.arrays()):
     np.testing.assert_array_equal(x, y)
   with pytest.raises(ckpt_lib.CheckpointError, match="another config"):

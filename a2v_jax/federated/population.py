@@ -20,6 +20,7 @@ With a persistent store and population = the engine's C, every number equals ``e
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -74,11 +75,18 @@ class ClientStore:
 
   def gather(self, ids: np.ndarray) -> ClientState:
     """The states of clients ``ids`` (sorted), stacked, as device arrays."""
-    return jax.tree.unflatten(self.treedef, [jnp.asarray(a[ids]) for a in self.leaves])
+    return jax.tree.unflatten(self.treedef, [jnp.asarray(x) for x in self.gather_host(ids)])
+
+  def gather_host(self, ids: np.ndarray) -> list[np.ndarray]:
+    """Copies of the leaves' rows ``ids`` (host arrays; numpy releases the GIL while it copies)."""
+    return [np.take(a, ids, axis=0) for a in self.leaves]
 
   def scatter(self, ids: np.ndarray, state: ClientState) -> None:
     """Writes the states of clients ``ids`` back."""
-    for a, leaf in zip(self.leaves, jax.tree.leaves(jax.device_get(state))):
+    self.scatter_host(ids, [np.asarray(x) for x in jax.tree.leaves(jax.device_get(state))])
+
+  def scatter_host(self, ids: np.ndarray, leaves: list[np.ndarray]) -> None:
+    for a, leaf in zip(self.leaves, leaves, strict=True):
       a[ids] = leaf
 
   def arrays(self) -> list[np.ndarray]:
@@ -115,25 +123,77 @@ class PopulationRound:
     self._sample = jax.jit(sample)
     self._fresh = jax.jit(lambda server, ids: engine.fresh_clients(cfg, tx, server, ids))
     self._step = jax.jit(self.alg.cohort_step, donate_argnums=(0, 1))
+    self._worker = concurrent.futures.ThreadPoolExecutor(max_workers=1) if self.store is not None else None
+    self._pending = None   # (ids, trained on the device): the last round's states, not yet in the store
+    self._next = None      # (ids, future of their host states): the next round's cohort, gathered ahead
 
   def __call__(self, server: ServerState, shared: Shared, holders: Optional[int] = None
                ) -> tuple[ServerState, dict[str, Any], np.ndarray]:
     """(server, the cohort's metrics, the cohort's ids); ``holders``: clients of the population with rows
-    (SCAFFOLD's N; default every client)."""
+    (SCAFFOLD's N; default every client).
+
+    A persistent store is pipelined with the device: while round r trains, a worker thread writes round r-1's
+    states back and gathers round r+1's cohort (its ids follow from round r's key before round r runs); the rows
+    of round r+1 that round r trains are then taken from round r's result, not the store. So the store is behind
+    by one round until :meth:`flush` (called by ``save`` / ``restore``)."""
     rng, ids = self._sample(server.rng)
     ids = np.asarray(ids)
     idx, count = self.data_fn(ids)
     data = engine.RoundData(jnp.asarray(idx, jnp.int32), jnp.asarray(count, jnp.int32))
-    sub = self.store.gather(ids) if self.store is not None else self._fresh(server, jnp.asarray(ids))
     holders = jnp.asarray(self.population if holders is None else holders, jnp.int32)
+    if self.store is None:
+      server, _, metrics = self._step(server, self._fresh(server, jnp.asarray(ids)), data, shared, rng, holders)
+      return server, metrics, ids
+    sub, last = self._cohort(ids)
     server, trained, metrics = self._step(server, sub, data, shared, rng, holders)
-    if self.store is not None:
-      self.store.scatter(ids, trained)
+    _, next_ids = self._sample(rng)  # the next round's cohort: its key is this round's
+    next_ids = np.asarray(next_ids)
+    if last is not None:
+      self._worker.submit(self.store.scatter_host, *last)
+    self._next = (next_ids, self._worker.submit(self.store.gather_host, next_ids))
+    self._pending = (ids, trained)
     return server, metrics, ids
 
+  def _cohort(self, ids: np.ndarray) -> tuple[ClientState, Optional[tuple[np.ndarray, list[np.ndarray]]]]:
+    """The cohort's states on the device, and the last round's (ids, host states) still to be written back."""
+    last = None
+    if self._pending is not None:
+      last_ids, trained = self._pending
+      last = (last_ids, [np.asarray(x) for x in jax.tree.leaves(jax.device_get(trained))])
+      self._pending = None
+    if self._next is not None and np.array_equal(self._next[0], ids):
+      leaves = self._next[1].result()
+    else:  # nothing gathered ahead (first round, or the server was replaced): write back, then gather here
+      if self._next is not None:
+        self._next[1].result()
+      if last is not None:
+        self.store.scatter_host(*last)
+        last = None
+      leaves = self.store.gather_host(ids)
+    self._next = None
+    if last is not None:  # rows the last round trained are newer than the store's (written back meanwhile)
+      at = {c: i for i, c in enumerate(last[0])}
+      pos = np.array([(j, at[c]) for j, c in enumerate(ids) if c in at], np.int64).reshape(-1, 2)
+      for leaf, new in zip(leaves, last[1]):
+        leaf[pos[:, 0]] = new[pos[:, 1]]
+    return jax.tree.unflatten(self.store.treedef, [jnp.asarray(x) for x in leaves]), last
+
+  def flush(self) -> None:
+    """Writes every trained state back to the store and drops what was gathered ahead (the store is then exact)."""
+    if self.store is None:
+      return
+    if self._next is not None:
+      self._next[1].result()
+      self._next = None
+    self._worker.submit(lambda: None).result()  # earlier write-backs done
+    if self._pending is not None:
+      ids, trained = self._pending
+      self.store.scatter_host(ids, [np.asarray(x) for x in jax.tree.leaves(jax.device_get(trained))])
+      self._pending = None
 
   def checkpoint_state(self, server: ServerState) -> dict[str, Any]:
     """What a round checkpoint holds: the server and (persistent) the whole store, host arrays as they are."""
+    self.flush()
     return {"server": server, "store": list(self.store.leaves) if self.store is not None else []}
 
   def save(self, checkpointer: Any, server: ServerState, config: dict) -> None:
@@ -155,6 +215,7 @@ class PopulationRound:
     state, meta = found
     if self.store is not None:
       self.store.load(state["store"])
+      self._next = None  # (flushed by checkpoint_state above)
     say(f"resumed the population of {self.population} at round {meta['round']}")
     return jax.tree.map(jnp.asarray, state["server"])
 
