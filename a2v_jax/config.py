@@ -792,8 +792,10 @@ def _validate_privacy(cfg: Config) -> None:
     if why:
       raise ConfigError(f"config key 'dp_level' in Run 1 trains the generators with DP-SGD, which needs {why[0]}")
   unsupported = [what for what, on in (
-      ("Run 2's heads (DP heads on synthetic features are not accounted yet; 'dp_require_generators' checks the "
-       "generators' own guarantee)", g.use_pretrained_generators),
+      ("Run 2 at node level (the generators' guarantee is record level)",
+       g.use_pretrained_generators and p.dp_level == "node"),
+      ("Run 2's server global training (its per-class mean real features carry no DP)",
+       g.use_pretrained_generators and f.global_model_train),
       ("KD aggregation (the server distils on generator features)", f.adapter_aggregation_mode == "kd"),
       ("centralised mode (one pooled client, no node to account)", f.adapter_aggregation_mode == "centralised"),
       ("SCAFFOLD (its control variates are a second, unclipped release)", f.local_drift_correction == "scaffold"),

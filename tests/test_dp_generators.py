@@ -32,6 +32,14 @@ def _cfg(tmp, name, *extra, gens="gens"):
                                    *extra])
 
 
+def _heads_rates(run_dir):
+  """(rate, DP steps over the run) of each node's heads, from the run's summary and rows."""
+  summary = json.loads((run_dir / "summary.json").read_text())["dp"]
+  rows = [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines()]
+  steps = [rows[-1][f"privacy/node_{i}/dp_steps"] for i in range(3)]
+  return summary["rates"], steps
+
+
 def _grads(dp_clip=0.0, dp_noise=0.0, conditioned=False):
   g = config.load(None, BASE + ['generator_type="cvae"' if conditioned else 'generator_type="vae"']).generators
   spec = gt.GeneratorSpec.from_config(g, (2, 8), 3)
@@ -145,6 +153,23 @@ def test_dp_run1_records_each_node_s_epsilon_and_run2_states_and_requires_it(tmp
   out = capsys.readouterr().out
   assert "record-level DP, epsilon node 0 " in out and f"{rows[1]['privacy/node_2/epsilon']:.3g}" in out
 
+  # Run 2 with DP heads: each node's epsilon composes its generators' DP-SGD (worst key) with the heads' steps
+  gen_dp = json.loads((gc.round_dir(cfg.generators, 2) / "manifest.json").read_text())["extra"]["dp"]
+  heads = train_and_evaluate(_cfg(tmp_path, "dp3", *RUN2, *DP), verbose=False, prepared=prep)["dp"]
+  import dp_accounting as dpa
+  gauss = lambda q, z, n: dpa.SelfComposedDpEvent(dpa.PoissonSampledDpEvent(q, dpa.GaussianDpEvent(z)), n)
+  for i, (eps, q, steps) in enumerate(zip(heads["epsilon_per_node"], *_heads_rates(tmp_path / "dp3"))):
+    n = len(prep.nodes.nodes[i]["train"]) + 4 * len(np.unique(labels[prep.nodes.nodes[i]["train"]]))  # real + 4/class
+    assert (q, steps) == (pytest.approx(min(1.0, 4 / n)), int(np.ceil(n / 4)))  # batch 4, 1 epoch, 1 round
+    want = max(dpa.pld.PLDAccountant().compose(dpa.ComposedDpEvent([
+        gauss(min(1.0, 8 / c), 1.1, 2 * int(np.ceil(c / 8)) * 2), gauss(q, 1.1, steps)])).get_epsilon(heads["delta"])
+        for c in np.unique(labels[prep.nodes.nodes[i]["train"]], return_counts=True)[1])
+    assert eps == pytest.approx(want, rel=1e-6) and eps > gen_dp["epsilon_per_node"][i]
+  # heads on synthetic features only, no DP keys: the run states the generators' guarantee (post-processing)
+  only = train_and_evaluate(_cfg(tmp_path, "dp4", *RUN2, "train_on_real_features=false"), verbose=False,
+                            prepared=prep)
+  assert only["dp"]["epsilon_per_node"] == gen_dp["epsilon_per_node"] and "inherited_from" in only["dp"]
+
   plain = _cfg(tmp_path, "plain1", *RUN1, gens="plain")
   train_and_evaluate(plain, verbose=False, prepared=prep)
   with pytest.raises(grn.GeneratorRunError, match="'dp_require_generators' is true but the generators of round 2 "
@@ -152,6 +177,8 @@ def test_dp_run1_records_each_node_s_epsilon_and_run2_states_and_requires_it(tmp
     start_pretrained(_cfg(tmp_path, "p2", *RUN2, "dp_require_generators=true", gens="plain"), prep, verbose=False)
   start_pretrained(_cfg(tmp_path, "p3", *RUN2, gens="plain"), prep, verbose=True)
   assert "trained WITHOUT differential privacy" in capsys.readouterr().out
+  with pytest.raises(privacy.PrivacyError, match="restored generators were trained without DP"):
+    train_and_evaluate(_cfg(tmp_path, "p4", *RUN2, *DP, gens="plain"), verbose=False, prepared=prep)
   # a DP Run 1 cannot resume from generators trained without DP
   with pytest.raises(grn.GeneratorRunError, match="cannot resume from generators trained without DP"):
     train_and_evaluate(_cfg(tmp_path, "plain1", *[k for k in RUN1 if k != "global_rounds=2"], "global_rounds=3",

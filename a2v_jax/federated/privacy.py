@@ -109,11 +109,20 @@ def epsilon(sampling_rate: float, noise_multiplier: float, steps: int, delta: fl
   the PLD's discretised loss grid would need tens of GB (measured: 27 GB at noise 0.3 over 20,000 steps), so the
   RDP bound -- valid, a little looser -- is returned.
   """
-  if steps <= 0:
+  return composed_epsilon(((sampling_rate, noise_multiplier, steps),), delta, accountant)
+
+
+@functools.lru_cache(maxsize=4096)
+def composed_epsilon(groups: tuple[tuple[float, float, int], ...], delta: float, accountant: str = "pld") -> float:
+  """Epsilon at ``delta`` of groups of Poisson-sampled Gaussian steps ``(rate, noise multiplier, steps)`` applied one
+  after another to the same records (e.g. a node's generators in Run 1, then its heads in Run 2)."""
+  events = [dp_event(min(1.0, q), z, s) for q, z, s in groups if s > 0]
+  if not events:
     return 0.0
   import logging
+  import dp_accounting as dpa
   from dp_accounting import pld, rdp
-  event = dp_event(min(1.0, sampling_rate), noise_multiplier, steps)
+  event = events[0] if len(events) == 1 else dpa.ComposedDpEvent(events)
   absl = logging.getLogger("absl")
   level = absl.level
   absl.setLevel(logging.ERROR)  # RDP's per-order convergence notes (orders it drops) are not the user's business
@@ -126,13 +135,16 @@ def epsilon(sampling_rate: float, noise_multiplier: float, steps: int, delta: fl
   return float(pld.PLDAccountant().compose(event).get_epsilon(delta))
 
 
-def calibrate(target_epsilon: float, sampling_rates: list[float], steps: list[int], delta: float) -> float:
-  """The smallest noise multiplier whose worst node spends at most ``target_epsilon`` over ``steps``.
+def calibrate(target_epsilon: float, sampling_rates: list[float], steps: list[int], delta: float,
+              worst: Optional[Callable[[float], float]] = None) -> float:
+  """The smallest noise multiplier whose worst node spends at most ``target_epsilon`` over ``steps``
+  (``worst(z)``: that epsilon, when it is not ``max_i epsilon(rate_i, z, steps_i)``).
 
   Raises:
     PrivacyError: no noise multiplier up to ``NOISE_CAP`` reaches it.
   """
-  worst = lambda z: max(epsilon(q, z, s, delta) for q, s in zip(sampling_rates, steps))
+  if worst is None:
+    worst = lambda z: max(epsilon(q, z, s, delta) for q, s in zip(sampling_rates, steps))
   if worst(NOISE_CAP) > target_epsilon:
     raise PrivacyError(f"config key 'dp_target_epsilon' {target_epsilon} is out of reach: even noise multiplier "
                        f"{NOISE_CAP:g} spends {worst(NOISE_CAP):.3g} over the configured rounds at delta {delta:g}; "
@@ -149,19 +161,28 @@ def calibrate(target_epsilon: float, sampling_rates: list[float], steps: list[in
 
 class RecordAccountant:
   """Per-node spent epsilon of record-level DP: node i steps ``steps_per_round[i]`` times in each round it is
-  sampled for, at rate ``rates[i]``."""
+  sampled for, at rate ``rates[i]``. ``prior[i]``: what node i's records spent before this run, per generator key
+  (Run 2 after a DP Run 1: the generators' step groups); a record of key k spent its key's groups, then this run's
+  steps, so node i's epsilon is the largest over its keys of the composition."""
 
-  def __init__(self, rates: np.ndarray, steps_per_round: np.ndarray, noise_multiplier: float, delta: float):
+  def __init__(self, rates: np.ndarray, steps_per_round: np.ndarray, noise_multiplier: float, delta: float,
+               prior: Optional[list[list[tuple[float, float, int]]]] = None):
     self.rates, self.steps_per_round = np.asarray(rates, float), np.asarray(steps_per_round, int)
     self.noise_multiplier, self.delta = float(noise_multiplier), float(delta)
     self.steps = np.zeros(len(self.rates), int)
+    self.prior = prior
+
+  def node_epsilon(self, i: int, steps: int, noise_multiplier: Optional[float] = None) -> float:
+    z = self.noise_multiplier if noise_multiplier is None else noise_multiplier
+    own = (round(float(self.rates[i]), 12), z, int(steps))
+    keys = self.prior[i] if self.prior is not None and i < len(self.prior) and self.prior[i] else [None]
+    return max(composed_epsilon(((k,) if k is not None else ()) + (own,), self.delta) for k in keys)
 
   def record(self, participate: np.ndarray) -> None:
     self.steps += np.asarray(participate, bool)[:len(self.steps)] * self.steps_per_round
 
   def epsilons(self) -> np.ndarray:
-    return np.array([epsilon(round(q, 12), self.noise_multiplier, int(s), self.delta)
-                     for q, s in zip(self.rates, self.steps)])
+    return np.array([self.node_epsilon(i, s) for i, s in enumerate(self.steps)])
 
   def restore(self, row: dict) -> None:
     """The steps spent up to a resumed round, from its logged row."""
@@ -170,9 +191,10 @@ class RecordAccountant:
   def summary(self, cfg: Any) -> dict[str, Any]:
     eps = self.epsilons()
     return {"level": "record", "l2_clip": cfg.privacy.dp_l2_clip, "noise_multiplier": self.noise_multiplier,
-            "delta": self.delta, "accountant": "PLD (dp-accounting), Poisson-sampled Gaussian steps",
+            "delta": self.delta, "accountant": "PLD (dp-accounting), Poisson-sampled Gaussian steps"
+            + ("; composed with the generators' DP-SGD of Run 1 (worst generator key per node)" if self.prior else ""),
             "epsilon_per_node": [float(e) for e in eps], "epsilon_max": float(eps.max()) if len(eps) else 0.0,
-            "dp_steps_per_node": [int(s) for s in self.steps]}
+            "dp_steps_per_node": [int(s) for s in self.steps], "rates": [float(q) for q in self.rates]}
 
   def row(self) -> dict[str, float]:
     eps = self.epsilons()
@@ -223,6 +245,13 @@ class GeneratorAccountant:
     self.steps_per_round = epochs * np.ceil(self.counts / batch_size).astype(np.int64) * (self.counts > 0)
     self.noise_multiplier, self.delta, self.clip = float(noise_multiplier), float(delta), float(clip)
 
+  @staticmethod
+  def groups(record: dict) -> list[list[tuple[float, float, int]]]:
+    """Per node, per key with rows: the (rate, noise, steps) group a checkpoint's ``record`` says was spent."""
+    z, r = float(record["noise_multiplier"]), int(record["rounds"])
+    return [[(round(float(q), 12), z, int(s) * r) for q, s in zip(qs, ss) if s]
+            for qs, ss in zip(record["rates"], record["dp_steps_per_round"])]
+
   def epsilons(self, rounds: int) -> np.ndarray:
     """(nodes,) epsilon of each node's generators after ``rounds`` rounds."""
     cells = [[epsilon(round(float(q), 12), self.noise_multiplier, int(s) * rounds, self.delta) if s else 0.0
@@ -234,7 +263,7 @@ class GeneratorAccountant:
     eps = self.epsilons(rounds)
     return {"level": "record", "epsilon_per_node": [float(e) for e in eps], "epsilon_max": float(eps.max()),
             "delta": self.delta, "noise_multiplier": self.noise_multiplier, "l2_clip": self.clip, "rounds": rounds,
-            "dp_steps_per_round": self.steps_per_round.tolist(),
+            "dp_steps_per_round": self.steps_per_round.tolist(), "rates": self.rates.tolist(),
             "accountant": "PLD (dp-accounting), Poisson-sampled Gaussian steps; max over a node's generator keys"}
 
   def row(self, rounds: int) -> dict[str, float]:

@@ -361,6 +361,16 @@ def report_guarantee(cfg: Config, extra: dict, where: str, say: Any = print) -> 
   return dp
 
 
+def inherited_guarantee(cfg: Config, dp: Optional[dict]) -> Optional[dict]:
+  """Run 2 without DP heads: when the heads see nothing of the real clips but the DP generators' synthetic features
+  (no real train features, no server global training on class means), the run is post-processing of the
+  generators and states their guarantee; else None."""
+  g, f = cfg.generators, cfg.federation
+  if dp is None or g.train_on_real_features or f.global_model_train:
+    return None
+  return {**dp, "inherited_from": "the generators (the heads train on their synthetic features only)"}
+
+
 def generator_row(layout: gt.SlotLayout, metrics: dict[str, np.ndarray]) -> dict[str, float]:
   """Per-node round metrics: the last epoch's values, averaged over the node's slots (visits when shared)."""
   rows = np.asarray(metrics["rows"])

@@ -121,6 +121,7 @@ class PretrainedGenerators:
   rows: generator_runs.SyntheticRows   # where the synthetic (and class-mean) rows are, the server's counts
   counts: np.ndarray                   # (C, K) synthetic rows per node and class
   length: int                          # tokens per synthetic row
+  dp: Optional[dict] = None            # the generators' DP guarantee (their checkpoint's), None without DP
 
   @property
   def server_row(self) -> dict[str, int]:
@@ -138,14 +139,14 @@ def start_pretrained(cfg: Config, prepared: Optional[Prepared], verbose: bool = 
   if verbose:
     print(f"Run 2: generators of round {rnd} restored from {gen_ckpt.round_dir(cfg.generators, rnd)} "
           f"({state.layout.num_slots} slot(s)); the AST is not used")
-  generator_runs.report_guarantee(cfg, extra, f"round {rnd}", print if verbose else (lambda _: None))
+  dp = generator_runs.report_guarantee(cfg, extra, f"round {rnd}", print if verbose else (lambda _: None))
   prepared = prepared or prepare_in_turn(cfg, verbose, nodes=nodes, feature_cache_hint=extra.get("feature_cache"))
   generator_runs.check_condition(cfg, state, prepared.targets, str(gen_ckpt.round_dir(cfg.generators, rnd)))
   scale = generator_runs.FeatureScale.from_extra(extra, state.spec)
   length = generator_runs.check_features(cfg, state, prepared.features)
   counts = generator_runs.synthetic_counts(cfg, prepared.nodes)
   prepared, rows = generator_runs.add_synthetic(cfg, prepared, state, scale, length, verbose=verbose)
-  return prepared, PretrainedGenerators(state, scale, rnd, rows, counts, length)
+  return prepared, PretrainedGenerators(state, scale, rnd, rows, counts, length, dp)
 
 
 def _stack(rows: list[np.ndarray], multiple: int) -> tuple[np.ndarray, np.ndarray]:
@@ -283,7 +284,12 @@ def train_and_evaluate(cfg: Config, *, resume: bool = False, verbose: bool = Tru
     lay = dataclasses.replace(lay, steps=share.steps)
   accountant = None
   if cfg.privacy.dp_level is not None:
-    cfg, accountant = start_privacy(cfg, lay, verbose)
+    cfg, accountant = start_privacy(cfg, lay, verbose, pretrained.dp if pretrained is not None else None)
+  elif pretrained is not None and verbose:
+    inherited = generator_runs.inherited_guarantee(cfg, pretrained.dp)
+    if inherited is not None:
+      print(f"DP: the heads train on the generators' synthetic features only (post-processing): this run's "
+            f"guarantee is theirs, epsilon up to {inherited['epsilon_max']:.3g} at delta {inherited['delta']:.3g}")
   token_shape = prepared.features.shape[1:]
   heads = make_heads(cfg, {b: t.shape[1:] for b, t in prepared.targets.items()})
   counts = count_params(heads, token_shape)
@@ -343,6 +349,8 @@ def train_and_evaluate(cfg: Config, *, resume: bool = False, verbose: bool = Tru
                            "params_per_node": sum(counts.values())}
   if accountant is not None:
     extra["dp"] = accountant.summary(cfg)
+  elif pretrained is not None and generator_runs.inherited_guarantee(cfg, pretrained.dp) is not None:
+    extra["dp"] = generator_runs.inherited_guarantee(cfg, pretrained.dp)
   if carry.run1 is not None:
     extra["generator_checkpoints"] = str(gen_ckpt.checkpoint_root(g))
   if place.multi:
@@ -412,9 +420,19 @@ def _noise(cfg: Config, rates: list[float], steps: list[int], delta: float, verb
   return dataclasses.replace(cfg, privacy=privacy_cfg), float(sigma)
 
 
-def start_privacy(cfg: Config, lay: Layout, verbose: bool) -> tuple[Config, Any]:
+def start_privacy(cfg: Config, lay: Layout, verbose: bool, generators_dp: Optional[dict] = None
+                  ) -> tuple[Config, Any]:
   """The run's DP accountant and the config with its noise multiplier. Record level: each node's sampling rate
-  (batch / its rows) and DP steps per round; node level: the client sampling rate m / C, one release per round."""
+  (batch / its rows) and DP steps per round; node level: the client sampling rate m / C, one release per round.
+  ``generators_dp``: Run 2's generators' guarantee (a DP Run 1's), composed into each node's epsilon (required).
+
+  Raises:
+    privacy.PrivacyError: Run 2 with DP heads on generators trained without DP.
+  """
+  if cfg.generators.use_pretrained_generators and generators_dp is None:
+    raise privacy.PrivacyError("config key 'dp_level' in Run 2 composes the heads' DP-SGD with the generators' "
+                               "guarantee, but the restored generators were trained without DP: train them with "
+                               "'dp_level': 'record' in a generator-only Run 1")
   p, b, rounds = cfg.privacy, cfg.train.batch_size, cfg.federation.global_rounds
   n = np.asarray(lay.train_count[:lay.num_real_clients], np.int64)
   if p.dp_level == "node":
@@ -428,11 +446,23 @@ def start_privacy(cfg: Config, lay: Layout, verbose: bool) -> tuple[Config, Any]
   rates = np.minimum(1.0, b / np.maximum(n, 1))
   steps = cfg.train.local_epochs * np.ceil(n / b).astype(np.int64) * (n > 0)
   delta = privacy.dp_delta(p.dp_delta, int(n[n > 0].min()) if (n > 0).any() else 1)
-  cfg, sigma = _noise(cfg, list(rates), list(steps * rounds), delta, verbose)
+  prior = privacy.GeneratorAccountant.groups(generators_dp) if generators_dp is not None else None
+  probe = privacy.RecordAccountant(rates, steps, 1.0, delta, prior)
+  worst = lambda z: max(probe.node_epsilon(i, s * rounds, z) for i, s in enumerate(steps))
+  if p.dp_noise_multiplier is None:
+    sigma = privacy.calibrate(p.dp_target_epsilon, list(rates), list(steps * rounds), delta, worst)
+    if verbose:
+      print(f"DP: noise multiplier {sigma:.4f} calibrated for epsilon {p.dp_target_epsilon} at delta {delta:.3g} "
+            f"after {rounds} rounds (every node sampled every round"
+            + (", composed with the generators' DP-SGD)" if prior else ")"))
+    cfg = dataclasses.replace(cfg, privacy=dataclasses.replace(p, dp_noise_multiplier=float(sigma),
+                                                               dp_target_epsilon=None))
+  sigma = cfg.privacy.dp_noise_multiplier
   if verbose:
     print(f"DP (record level): clip {p.dp_l2_clip}, noise multiplier {sigma:.4f}, delta {delta:.3g}; node sampling "
-          f"rates {np.round(rates, 4).tolist()}, DP steps per round {steps.tolist()}")
-  return cfg, privacy.RecordAccountant(rates, steps, sigma, delta)
+          f"rates {np.round(rates, 4).tolist()}, DP steps per round {steps.tolist()}"
+          + ("; each node's epsilon includes its generators' (Run 1)" if prior else ""))
+  return cfg, privacy.RecordAccountant(rates, steps, sigma, delta, prior)
 
 
 def privacy_stage(accountant: Any):
