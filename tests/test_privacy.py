@@ -140,7 +140,10 @@ def test_run_states_its_epsilon_every_round_and_after_a_resume(tmp_path, capsys)
     (['dp_level="record"', "dp_noise_multiplier=0"], "'dp_noise_multiplier' must be > 0"),
     (['dp_level="record"', "dp_noise_multiplier=1", "dp_l2_clip=-1"], "'dp_l2_clip' must be > 0"),
     (['dp_level="record"', "dp_noise_multiplier=1", 'adapter_aggregation_mode="kd"', "use_pretrained_generators=true"],
-     "not supported with Run 2"),
+     "not supported with KD"),
+    (['dp_level="node"', "dp_noise_multiplier=1", "use_pretrained_generators=true"], "Run 2 at node level"),
+    (['dp_level="record"', "dp_noise_multiplier=1", "use_pretrained_generators=true", "global_model_train=true"],
+     "server global training"),
     (['dp_level="record"', "dp_noise_multiplier=1", 'local_drift_correction="scaffold"'], "SCAFFOLD"),
 ])
 def test_bad_dp_settings_are_refused(keys, msg):
