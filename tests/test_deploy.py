@@ -218,3 +218,43 @@ def test_backbone_fingerprint_follows_content_not_path(tmp_path):
   assert fingerprint(a, cache) == fingerprint(b, cache) == fingerprint(a)
   (b / "sub" / "w.bin").write_bytes(bytes(range(1, 201)))
   assert fingerprint(b, cache) != fingerprint(a, cache)
+
+
+class _KilledMidRound(BaseException):
+  """A kill -9 stand-in (not an Exception: nothing on the way up may swallow it)."""
+
+
+class _DyingServer(LocalTransport):
+  """The server process dies in round ``at`` after the sampled nodes trained (so they are a round ahead)."""
+
+  def __init__(self, nodes, at):
+    super().__init__(nodes)
+    self.calls, self.at = 0, at
+
+  def train(self, nodes, params, config):
+    self.calls += 1
+    out = super().train(nodes, params, config)
+    if self.calls == self.at:
+      raise _KilledMidRound()
+    return out
+
+
+def test_a_killed_server_resumes_and_gives_the_uninterrupted_rows(tmp_path, prep):
+  """Checkpoints every 2 rounds; the server dies in round 4 after the nodes trained it (they are 2 rounds past the
+  last checkpoint); resumed, it continues from round 2, the nodes train from their round-2 states, and every row
+  equals the uninterrupted deployment's."""
+  extra = ["global_rounds=5", "checkpoint_frequency=2"]
+  run_deployment(_cfg(tmp_path, "straight", *extra), LocalTransport(_nodes(_cfg(tmp_path, "x", *extra), prep)),
+                 verbose=False)
+  cfg = _cfg(tmp_path, "killed", *extra)
+  transport = _DyingServer(_nodes(cfg, prep), at=4)
+  with pytest.raises(_KilledMidRound):
+    run_deployment(cfg, transport, verbose=False)
+  assert [r["round"] for r in _rows(tmp_path / "killed")] == [1, 2, 3]
+  transport.at = -1
+  summary = run_deployment(cfg, transport, verbose=False, resume=True)
+  want, got = _rows(tmp_path / "straight"), _rows(tmp_path / "killed")
+  assert [r["round"] for r in got] == [1, 2, 3, 4, 5] and summary["rounds"] == 5
+  for w, g in zip(want, got):
+    for k in (k for k in w if k.startswith(("train/", "test/"))):
+      assert g[k] == pytest.approx(w[k], rel=1e-6, abs=1e-7), (w["round"], k)
