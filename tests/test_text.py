@@ -93,7 +93,22 @@ def test_tiny_t5_tokenizer_matches_sentencepiece(dirs):
 
 
 def test_tiny_t5_spiece_training_is_deterministic():
-  assert tokenizers.train_tiny_t5_spiece() == tokenizers.train_tiny_t5_spiece()
+  model = tokenizers.train_tiny_t5_spiece()
+  assert model == tokenizers.train_tiny_t5_spiece()
+  spec = [p for n, w, _, p in tokenizers._fields(model) if n == tokenizers.TRAINER_SPEC_FIELD]
+  assert len(spec) == 1 and not any(p is not None and p.endswith(b"seeds.tsv") for *_, p in tokenizers._fields(spec[0]))
+
+
+def test_a_string_is_dropped_from_a_sub_message_on_the_wire():
+  """Hand-made ModelProto-like bytes: field 1 (varint 150), field 2 = {3: "abc", 54: "/tmp/x/seeds.tsv", 5: 7},
+  field 4 (fixed32); only the path goes and field 2's length shrinks accordingly."""
+  sub_keep = bytes([0x1A, 3]) + b"abc" + bytes([0x28, 7])
+  path = b"/tmp/x/seeds.tsv"
+  sub = bytes([0x1A, 3]) + b"abc" + bytes([0xB2, 0x03, len(path)]) + path + bytes([0x28, 7])
+  head, tail = bytes([0x08, 0x96, 0x01]), bytes([0x25, 1, 2, 3, 4])
+  msg = head + bytes([0x12, len(sub)]) + sub + tail
+  assert tokenizers._without_string(msg, 2, path) == head + bytes([0x12, len(sub_keep)]) + sub_keep + tail
+  assert tokenizers._without_string(msg, 2, b"other") == msg
 
 
 # ---------------------------------------------------------------------------------------------- writers

@@ -22,7 +22,6 @@ import tempfile
 from pathlib import Path
 
 import sentencepiece as spm
-from sentencepiece import sentencepiece_model_pb2 as sp_model  # protobuf: an orbax dependency
 from transformers import CLIPTokenizer, T5Tokenizer
 
 CLIP_BPE_PATH = Path(__file__).resolve().parent.parent / "assets" / "clip_bpe" / "bpe_simple_vocab_16e6.txt.gz"
@@ -142,10 +141,68 @@ def train_tiny_t5_spiece(vocab_size: int = TINY_T5_VOCAB_SIZE) -> bytes:
         sentence_iterator=iter(corpus), model_writer=model, vocab_size=vocab_size, hard_vocab_limit=False,
         model_type="unigram", pad_id=0, eos_id=1, unk_id=2, bos_id=-1, num_threads=1,
         character_coverage=1.0, seed_sentencepieces_file=str(seed_file), minloglevel=2)
-  # The trainer records the (temporary) seed-file path in the model; drop it so the bytes never vary.
-  proto = sp_model.ModelProto.FromString(model.getvalue())
-  proto.trainer_spec.ClearField("seed_sentencepieces_file")
-  return proto.SerializeToString(deterministic=True)
+    # The trainer records the (temporary) seed-file path in the model; drop it so the bytes never vary.
+    return _without_string(model.getvalue(), TRAINER_SPEC_FIELD, str(seed_file).encode())
+
+
+TRAINER_SPEC_FIELD = 2  # ModelProto.trainer_spec (sentencepiece_model.proto)
+
+
+def _varint(buf: bytes, i: int) -> tuple[int, int]:
+  value = shift = 0
+  while True:
+    b = buf[i]
+    value |= (b & 0x7F) << shift
+    i += 1
+    if b < 0x80:
+      return value, i
+    shift += 7
+
+
+def _encode_varint(value: int) -> bytes:
+  out = bytearray()
+  while True:
+    b = value & 0x7F
+    value >>= 7
+    out.append(b | (0x80 if value else 0))
+    if not value:
+      return bytes(out)
+
+
+def _fields(buf: bytes):
+  """(field number, wire type, raw bytes of the whole field, payload of a length-delimited one) of a message."""
+  i = 0
+  while i < len(buf):
+    start = i
+    key, i = _varint(buf, i)
+    number, wire = key >> 3, key & 7
+    payload = None
+    if wire == 0:
+      _, i = _varint(buf, i)
+    elif wire == 1:
+      i += 8
+    elif wire == 5:
+      i += 4
+    elif wire == 2:
+      n, i = _varint(buf, i)
+      payload, i = buf[i:i + n], i + n
+    else:
+      raise ValueError(f"unexpected protobuf wire type {wire} in a sentencepiece model")
+    yield number, wire, buf[start:i], payload
+
+
+def _without_string(model: bytes, field: int, value: bytes) -> bytes:
+  """``model`` (a serialised ModelProto) without the string ``value`` inside its sub-message ``field``: the
+  protobuf wire format edited directly, so no generated proto module (and no protobuf runtime version) is needed.
+  Fields keep their order, so the bytes are what protobuf's serialiser writes after clearing that field."""
+  out = bytearray()
+  for number, wire, raw, payload in _fields(model):
+    if number == field and wire == 2:
+      inner = b"".join(r for _, w, r, p in _fields(payload) if not (w == 2 and p == value))
+      out += raw[:len(_encode_varint((number << 3) | 2))] + _encode_varint(len(inner)) + inner
+    else:
+      out += raw
+  return bytes(out)
 
 
 def write_tiny_t5_spiece(out_dir: str | Path, vocab_size: int = TINY_T5_VOCAB_SIZE) -> Path:

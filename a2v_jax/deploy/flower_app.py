@@ -19,6 +19,7 @@ import itertools
 import json
 import sys
 import time
+from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Optional, Sequence
 
 import jax
@@ -31,11 +32,11 @@ from flwr.serverapp import Grid, ServerApp
 
 from a2v_jax.config import Config
 from a2v_jax.deploy.node import SPLITS, DeploymentError, NodeProgram
-from a2v_jax.deploy.run import EvalReplies, run_deployment
+from a2v_jax.deploy.run import EvalReplies, NodeHistory, run_deployment
 from a2v_jax.errors import A2VError
 from a2v_jax.types import Params
 
-STATE_KEY = "a2v_client_state"
+STATE_KEY = "a2v_client_state_r"  # + the number of rounds the state includes
 # How long the server waits for every node to connect, and for a round's replies (run config entries
 # connect-timeout-s / reply-timeout-s): a node silent past the reply timeout is a lost node.
 CONNECT_TIMEOUT_S = 600.0
@@ -92,11 +93,36 @@ def make_client_app(prepare: Optional[Callable[[Config], Any]] = None) -> Client
       programs[key] = (program, jax.tree.structure(jax.eval_shape(program.init_state)))  # (shapes only)
     return programs[key]
 
-  def client_state(context: Context, program: NodeProgram, treedef: Any) -> Any:
-    if STATE_KEY not in context.state:
-      return program.init_state()
-    record = context.state[STATE_KEY]
-    return jax.tree.unflatten(treedef, [jnp.asarray(record[k].numpy()) for k in sorted(record)])
+  def history(context: Context, program: NodeProgram, treedef: Any) -> NodeHistory:
+    """The node's last states by round: in Flower's ``Context.state`` (one run), else from the node's
+    ``state-dir`` (node config; survives a restarted ServerApp, which is a new run), else the initial state."""
+    h = NodeHistory(program.init_state())
+    kept = {int(k[len(STATE_KEY):]): v for k, v in context.state.items() if k.startswith(STATE_KEY)}
+    if kept:
+      h.states = {r: jax.tree.unflatten(treedef, [jnp.asarray(rec[k].numpy()) for k in sorted(rec)])
+                  for r, rec in kept.items()}
+    elif (folder := _state_dir(context, program)) is not None and folder.is_dir():
+      for f in folder.glob("state_*.npz"):
+        with np.load(f) as z:
+          h.states[int(f.stem.split("_")[1])] = jax.tree.unflatten(treedef, [jnp.asarray(z[k]) for k in sorted(z)])
+    return h
+
+  def keep(context: Context, program: NodeProgram, h: NodeHistory) -> None:
+    for k in [k for k in context.state.keys() if k.startswith(STATE_KEY)]:
+      del context.state[k]
+    for r, state in h.states.items():
+      context.state[f"{STATE_KEY}{r}"] = _state_record(state)
+    if (folder := _state_dir(context, program)) is not None:
+      folder.mkdir(parents=True, exist_ok=True)
+      for r, state in h.states.items():
+        path = folder / f"state_{r}.npz"
+        if not path.exists():
+          tmp = folder / f".state_{r}.tmp.npz"
+          np.savez(tmp, **{f"{i:05d}": np.asarray(x) for i, x in enumerate(jax.tree.leaves(state))})
+          tmp.replace(path)
+      for f in folder.glob("state_*.npz"):
+        if int(f.stem.split("_")[1]) not in h.states:
+          f.unlink()
 
   @app.query()
   def query(msg: Message, context: Context) -> Message:
@@ -107,9 +133,10 @@ def make_client_app(prepare: Optional[Callable[[Config], Any]] = None) -> Client
   def train(msg: Message, context: Context) -> Message:
     program, treedef = node(context)
     config = msg.content["config"]
-    state, metrics = program.train(client_state(context, program, treedef), record_params(msg.content["arrays"]),
-                                   int(config["server_round"]), int(config["steps"]))
-    context.state[STATE_KEY] = _state_record(state)
+    h, r = history(context, program, treedef), int(config["server_round"])
+    state, metrics = program.train(h.at(r), record_params(msg.content["arrays"]), r, int(config["steps"]))
+    h.put(r + 1, state)
+    keep(context, program, h)
     metrics["num-examples"] = len(program.train_rows)
     return Message(RecordDict({"arrays": params_record(state.params), "metrics": MetricRecord(metrics)}),
                    reply_to=msg)
@@ -117,7 +144,7 @@ def make_client_app(prepare: Optional[Callable[[Config], Any]] = None) -> Client
   @app.evaluate()
   def evaluate(msg: Message, context: Context) -> Message:
     program, treedef = node(context)
-    own = client_state(context, program, treedef).params
+    own = history(context, program, treedef).latest().params
     out: dict[str, float] = {}
     for role, params in (("server", record_params(msg.content["arrays"])), ("node", own)):
       for split in SPLITS:
@@ -127,6 +154,11 @@ def make_client_app(prepare: Optional[Callable[[Config], Any]] = None) -> Client
     return Message(RecordDict({"metrics": MetricRecord(out)}), reply_to=msg)
 
   return app
+
+
+def _state_dir(context: Context, program: NodeProgram) -> Optional[Path]:
+  folder = context.node_config.get("state-dir")
+  return None if folder is None else Path(str(folder)) / program.cfg.experiment.name / f"node_{program.node_id}"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -222,7 +254,8 @@ def make_server_app(verbose: bool = True) -> ServerApp:
       rc = context.run_config
       transport = FlowerTransport(grid, cfg, connect_timeout_s=float(rc.get("connect-timeout-s", CONNECT_TIMEOUT_S)),
                                   reply_timeout_s=float(rc.get("reply-timeout-s", REPLY_TIMEOUT_S)))
-      run_deployment(cfg, transport, verbose=verbose)
+      resume = str(rc.get("resume", "false")).lower() in ("1", "true", "yes")
+      run_deployment(cfg, transport, verbose=verbose, resume=resume)
     except A2VError as e:
       print(f"error: {e}", file=sys.stderr)
       raise SystemExit(2) from None
@@ -248,11 +281,12 @@ class InProcessGrid(Grid):
   """
 
   def __init__(self, client_app: ClientApp, num_nodes: int, run_config: Mapping[str, Any],
-               drop: Optional[Callable[[Message], bool]] = None):
+               drop: Optional[Callable[[Message], bool]] = None, node_config: Optional[Mapping[str, Any]] = None):
     self.client_app = client_app
     self.drop = drop or (lambda m: False)
     self.contexts = {7919 * (i + 1): Context(run_id=1, node_id=7919 * (i + 1),
-                                             node_config={"partition-id": i, "num-partitions": num_nodes},
+                                             node_config={"partition-id": i, "num-partitions": num_nodes,
+                                                          **(node_config or {})},
                                              state=RecordDict(), run_config=dict(run_config))
                      for i in range(num_nodes)}
     self._replies: dict[str, Message] = {}
@@ -297,11 +331,13 @@ class InProcessGrid(Grid):
 
 
 def run_in_process(run_config: Mapping[str, Any], num_nodes: int, *, client: Optional[ClientApp] = None,
-                   server: Optional[ServerApp] = None, drop: Optional[Callable[[Message], bool]] = None) -> None:
-  """The ServerApp and ``num_nodes`` ClientApps of one run, exchanging Flower messages in this process."""
+                   server: Optional[ServerApp] = None, drop: Optional[Callable[[Message], bool]] = None,
+                   node_config: Optional[Mapping[str, Any]] = None) -> None:
+  """The ServerApp and ``num_nodes`` ClientApps of one run, exchanging Flower messages in this process
+  (``node_config``: entries every SuperNode is given besides its partition id)."""
   from flwr.common.constant import SUPERLINK_NODE_ID
   from flwr.supercore.task_identity import TaskIdentity
-  grid = InProcessGrid(client or client_app, num_nodes, run_config, drop)
+  grid = InProcessGrid(client or client_app, num_nodes, run_config, drop, node_config)
   saved = (TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id)
   # what Flower's ServerApp process sets before its messages are made (they carry these ids)
   TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, SUPERLINK_NODE_ID, 1
