@@ -13,10 +13,12 @@ the same code as real checkpoints, with tokenizers that behave like the real one
 
 from __future__ import annotations
 
+import base64
 import collections
 import functools
 import gzip
 import io
+import json
 import string
 import tempfile
 from pathlib import Path
@@ -206,11 +208,47 @@ def _without_string(model: bytes, field: int, value: bytes) -> bytes:
 
 
 def write_tiny_t5_spiece(out_dir: str | Path, vocab_size: int = TINY_T5_VOCAB_SIZE) -> Path:
-  """Writes ``spiece.model`` of the tiny T5 tokenizer into ``out_dir`` and returns its path."""
+  """Writes ``spiece.model`` of the tiny T5 tokenizer into ``out_dir``, and its ``tokenizer.json``
+  (``t5_tokenizer_json``: so transformers loads it without converting the sentencepiece model), and returns the
+  ``spiece.model`` path."""
   path = Path(out_dir) / "spiece.model"
   path.parent.mkdir(parents=True, exist_ok=True)
-  path.write_bytes(train_tiny_t5_spiece(vocab_size))
+  model = train_tiny_t5_spiece(vocab_size)
+  path.write_bytes(model)
+  (path.parent / "tokenizer.json").write_text(json.dumps(t5_tokenizer_json(model), ensure_ascii=False))
   return path
+
+
+NORMALIZER_SPEC_FIELD, PRECOMPILED_CHARSMAP_FIELD = 3, 2  # ModelProto.normalizer_spec.precompiled_charsmap
+
+
+def t5_tokenizer_json(model: bytes) -> dict:
+  """The ``tokenizers`` file of a T5 sentencepiece ``model``, as transformers' T5 converter writes it (Unigram
+  pieces and scores, the model's precompiled normalizer, whitespace split + metaspace, ``</s>`` appended), read
+  through sentencepiece's own API and the wire format. Why not transformers' converter: it imports
+  sentencepiece's generated proto module, which needs protobuf >= 7.36.1, and flwr pins protobuf < 7."""
+  sp = spm.SentencePieceProcessor(model_proto=model)
+  spec = next(p for n, w, _, p in _fields(model) if n == NORMALIZER_SPEC_FIELD and w == 2)
+  charsmap = next((p for n, w, _, p in _fields(spec) if n == PRECOMPILED_CHARSMAP_FIELD and w == 2), b"")
+  special = [{"id": i, "content": sp.id_to_piece(i), "single_word": False, "lstrip": False, "rstrip": False,
+              "normalized": False, "special": True} for i in range(sp.get_piece_size()) if sp.is_control(i)
+             or sp.is_unknown(i)]
+  meta = {"type": "Metaspace", "replacement": "\u2581", "prepend_scheme": "always", "split": True}
+  eos = {"SpecialToken": {"id": "</s>", "type_id": 0}}
+  return {
+      "version": "1.0", "truncation": None, "padding": None, "added_tokens": special,
+      "normalizer": {"type": "Precompiled", "precompiled_charsmap": base64.b64encode(charsmap).decode()},
+      "pre_tokenizer": {"type": "Sequence", "pretokenizers": [{"type": "WhitespaceSplit"}, meta]},
+      "post_processor": {"type": "TemplateProcessing",
+                         "single": [{"Sequence": {"id": "A", "type_id": 0}}, eos],
+                         "pair": [{"Sequence": {"id": "A", "type_id": 0}}, eos, {"Sequence": {"id": "B", "type_id": 0}},
+                                  eos],
+                         "special_tokens": {"</s>": {"id": "</s>", "ids": [sp.eos_id()], "tokens": ["</s>"]}}},
+      "decoder": meta,
+      "model": {"type": "Unigram", "unk_id": sp.unk_id(),
+                "vocab": [[sp.id_to_piece(i), sp.get_score(i)] for i in range(sp.get_piece_size())],
+                "byte_fallback": False},
+  }
 
 
 def tiny_t5_tokenizer(spiece_dir: str | Path, model_max_length: int = 512) -> T5Tokenizer:

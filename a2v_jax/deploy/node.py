@@ -38,6 +38,39 @@ AGREED_EXPERIMENT = ("seed", "param_dtype")  # the seed fixes every node's initi
 LOCAL_PATHS = (("data", "dataset_root"), ("features", "cache_dir"), ("federation", "adapter_load_checkpoint"))
 
 
+def _rows_of(prepared: Any, node_id: int, *, own: bool, num_nodes: int) -> dict[str, np.ndarray]:
+  """The node's part of ``prepared``, re-indexed locally (train rows, then val, then test, order kept)."""
+  nodes = prepared.nodes.nodes
+  if not own and len(nodes) != num_nodes:
+    raise DeploymentError(f"the partition has {len(nodes)} node(s), the config {num_nodes}")
+  mine = nodes[0 if own else node_id]
+  parts = {k: np.asarray(mine[k], np.int64) for k in ("train",) + SPLITS}
+  rows = np.concatenate(list(parts.values()))
+  out, start = {}, 0
+  for k, v in parts.items():
+    out[k] = np.arange(start, start + len(v), dtype=np.int32)
+    start += len(v)
+  out["features"] = np.asarray(prepared.features[rows], np.float32)
+  out["labels"] = np.asarray(prepared.nodes.clipset.labels[rows])
+  out["class_names"] = np.asarray(list(prepared.class_names))
+  out.update({f"target/{b}": np.asarray(t) for b, t in prepared.targets.items()})
+  return out
+
+
+def node_cache_path(cfg: Config, node_id: int, dataset_root: Optional[str | Path],
+                    fingerprints: dict[str, str]) -> Path:
+  """Where the node's prepared rows are kept: named by a hash of everything they are a function of."""
+  import hashlib
+  import json
+  root = Path(dataset_root if dataset_root is not None else cfg.data.dataset_root)
+  listing = sorted((str(p.relative_to(root)), p.stat().st_size, p.stat().st_mtime_ns)
+                   for p in root.rglob("*") if p.is_file()) if root.is_dir() else []
+  blob = json.dumps({"config": agreed_config(cfg), "node": node_id, "own": dataset_root is not None,
+                     "root": str(root.resolve()), "files": listing, "backbones": fingerprints}, sort_keys=True,
+                    default=str)
+  return Path(cfg.features.cache_dir) / "nodes" / f"node_{node_id}_{hashlib.sha256(blob.encode()).hexdigest()[:16]}.npz"
+
+
 class DeploymentError(A2VError, RuntimeError):
   """A deployment cannot go on: a node that disagrees with the server, a node that failed a round."""
 
@@ -106,38 +139,52 @@ class NodeProgram:
     """The node's rows of ``prepared`` (the trainer's ``Prepared``; built from ``cfg`` when None: the same
     dataset, partition and feature cache as ``experiments.run``). ``dataset_root``: the node holds only its own
     clips, in that folder (any layout the dataset's reader accepts): all of them are its rows (``own_data``), its
-    features are cached under its own ``cache_dir``; the rest of the partition is never read."""
+    features are cached under its own ``cache_dir``; the rest of the partition is never read.
+
+    Built from the config, the node's rows (features, labels, targets, splits) are kept in one file under
+    ``cache_dir/nodes`` keyed by what they depend on (agreed config, node, the folder's file listing, encoder
+    fingerprints): Flower starts a fresh ClientApp process per message, which then loads that file instead of
+    preparing again."""
     num_nodes = cfg.data.num_nodes
     if not 0 <= node_id < num_nodes:
       raise DeploymentError(f"node id {node_id} is outside the partition's {num_nodes} node(s) (0..{num_nodes - 1})")
-    fingerprints = None
-    if prepared is None:
-      from a2v_jax.run.trainer import prepare
-      if dataset_root is not None:
-        prepared = prepare(dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, dataset_root=str(dataset_root))),
-                           verbose=verbose, nodes=own_data(cfg, node_id, dataset_root))
-      else:
-        prepared = prepare(cfg, verbose=verbose)
-      fingerprints = backbone_fingerprints(cfg)
-    elif dataset_root is not None:
+    if prepared is not None and dataset_root is not None:
       raise ValueError("give the node's prepared data or its dataset_root, not both")
-    nodes = prepared.nodes.nodes
-    if dataset_root is None and len(nodes) != num_nodes:
-      raise DeploymentError(f"the partition has {len(nodes)} node(s), the config {num_nodes}")
-    own = nodes[0 if dataset_root is not None else node_id]
-    parts = {k: np.asarray(own[k], np.int64) for k in ("train",) + SPLITS}
-    rows = np.concatenate(list(parts.values()))
-    local, start = {}, 0
-    for k, v in parts.items():
-      local[k] = np.arange(start, start + len(v), dtype=np.int32)
-      start += len(v)
-    feats = np.asarray(prepared.features[rows], np.float32)
-    shared = Shared(jnp.asarray(feats), jnp.asarray(prepared.nodes.clipset.labels[rows]),
-                    {b: jnp.asarray(t) for b, t in prepared.targets.items()})
-    heads = make_heads(cfg, {b: t.shape[1:] for b, t in prepared.targets.items()})
-    apply_fn, init_fn = head_functions(heads, feats.shape[1:])
-    return cls(cfg, node_id, num_nodes, shared, local["train"], {k: local[k] for k in SPLITS},
-               prepared.class_names, apply_fn, init_fn, fingerprints)
+    if prepared is not None:
+      return cls._from_rows(cfg, node_id, _rows_of(prepared, node_id, own=False, num_nodes=num_nodes), None)
+    fingerprints = backbone_fingerprints(cfg)
+    cache = node_cache_path(cfg, node_id, dataset_root, fingerprints)
+    if cache.is_file():
+      try:
+        with np.load(cache, allow_pickle=False) as z:
+          rows = {k: z[k] for k in z.files}
+        return cls._from_rows(cfg, node_id, rows, fingerprints)
+      except (OSError, ValueError, KeyError):
+        pass  # unreadable: prepared again and rewritten below
+    from a2v_jax.run.trainer import prepare
+    if dataset_root is not None:
+      prepared = prepare(dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, dataset_root=str(dataset_root))),
+                         verbose=verbose, nodes=own_data(cfg, node_id, dataset_root))
+    else:
+      prepared = prepare(cfg, verbose=verbose)
+    rows = _rows_of(prepared, node_id, own=dataset_root is not None, num_nodes=num_nodes)
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    tmp = cache.with_name(cache.stem + ".tmp.npz")
+    np.savez(tmp, **rows)
+    tmp.replace(cache)
+    return cls._from_rows(cfg, node_id, rows, fingerprints)
+
+  @classmethod
+  def _from_rows(cls, cfg: Config, node_id: int, rows: dict[str, np.ndarray],
+                 fingerprints: Optional[dict[str, str]]) -> "NodeProgram":
+    targets = {k[len("target/"):]: np.asarray(v) for k, v in rows.items() if k.startswith("target/")}
+    shared = Shared(jnp.asarray(rows["features"]), jnp.asarray(rows["labels"]),
+                    {b: jnp.asarray(t) for b, t in targets.items()})
+    heads = make_heads(cfg, {b: t.shape[1:] for b, t in targets.items()})
+    apply_fn, init_fn = head_functions(heads, rows["features"].shape[1:])
+    return cls(cfg, node_id, cfg.data.num_nodes, shared, np.asarray(rows["train"], np.int32),
+               {k: np.asarray(rows[k], np.int32) for k in SPLITS}, tuple(str(c) for c in rows["class_names"]),
+               apply_fn, init_fn, fingerprints)
 
   def describe(self) -> dict[str, Any]:
     """What the server checks and needs at start-up (the query reply)."""
