@@ -92,7 +92,10 @@ def backbone_fingerprints(cfg: Config) -> dict[str, str]:
   from a2v_jax.backbones.paths import backbone_dir
   kinds = ["ast"] + sorted({"clip_text" if b == "clip" else "t5" for b in cfg.branches})
   cache = Path(cfg.features.cache_dir) / "backbone_fingerprints.json"
-  return {k: fingerprint(backbone_dir(cfg, k), cache) for k in kinds}
+  dirs = {k: backbone_dir(cfg, k, create=False) for k in kinds}  # (checking a tiny dir imports transformers)
+  if not all(d.is_dir() for d in dirs.values()):
+    dirs = {k: backbone_dir(cfg, k) for k in kinds}  # the tiny ones are written on first use
+  return {k: fingerprint(d, cache) for k, d in dirs.items()}
 
 
 def own_data(cfg: Config, node_id: int, dataset_root: str | Path) -> Any:
@@ -195,9 +198,16 @@ class NodeProgram:
             "class_names": list(self.class_names), "config": agreed_config(self.cfg), "backbones": self.backbones}
 
   def init_state(self) -> ClientState:
-    """This node's client state exactly as ``engine.fed_a2v(...).init`` makes it for client ``node_id``."""
-    _, keys, _ = engine.init_keys(jax.random.PRNGKey(self.cfg.experiment.seed), self.num_nodes)
-    return engine.init_client(self.cfg, self.init_fn, optim.client_optimizer(self.cfg), keys[self.node_id])
+    """This node's client state exactly as ``engine.fed_a2v(...).init`` makes it for client ``node_id`` (one jitted
+    program: the persistent compilation cache serves it to every fresh ClientApp process)."""
+    if "init" not in self._programs:
+      tx = optim.client_optimizer(self.cfg)
+
+      def init(seed_key):
+        _, keys, _ = engine.init_keys(seed_key, self.num_nodes)
+        return engine.init_client(self.cfg, self.init_fn, tx, keys[self.node_id])
+      self._programs["init"] = jax.jit(init)
+    return self._programs["init"](jax.random.PRNGKey(self.cfg.experiment.seed))
 
   def _local_train(self, steps: int):
     if ("train", steps) not in self._programs:

@@ -78,8 +78,9 @@ class NodeHistory:
   resumes from; it must then train from the state of that round, not its newest (else its optimiser moments and
   key would be a round ahead and the resumed run would not be the uninterrupted one)."""
 
-  def __init__(self, initial: Any, keep: int = KEEP_STATES):
-    self.states, self.keep = {0: initial}, keep
+  def __init__(self, initial: Any = None, keep: int = KEEP_STATES, *, states: Optional[dict[int, Any]] = None):
+    """From the initial state (round 0), or from ``states`` kept earlier (by round)."""
+    self.states, self.keep = (dict(states) if states else {0: initial}), keep
 
   def at(self, server_round: int) -> Any:
     """The state to train round ``server_round`` (0-based) from: the newest that includes no later round."""
