@@ -16,9 +16,9 @@ def _data_fn(data):
   return lambda ids: (idx[ids], count[ids])
 
 
-@pytest.mark.parametrize("mode, extra, on_disk", [("weighted", ['local_drift_correction="scaffold"'], False),
-                                                   ("avg", [], True)])
-@pytest.mark.parametrize("flush_each_round", [False, True])
+@pytest.mark.parametrize("mode, extra, on_disk, flush_each_round", [
+    ("weighted", ['local_drift_correction="scaffold"'], False, False), ("avg", [], True, False),
+    ("avg", [], False, True)])
 def test_persistent_store_equals_the_in_memory_cohort_round(mode, extra, on_disk, flush_each_round, tmp_path):
   """Population 3, cohort 2, three rounds: states gathered from (and written back to) a host store -- in RAM or
   memmap files, pipelined (the next cohort gathered while a round trains, its rows the round trains patched from

@@ -448,7 +448,8 @@ def start_privacy(cfg: Config, lay: Layout, verbose: bool, generators_dp: Option
   delta = privacy.dp_delta(p.dp_delta, int(n[n > 0].min()) if (n > 0).any() else 1)
   prior = privacy.GeneratorAccountant.groups(generators_dp) if generators_dp is not None else None
   probe = privacy.RecordAccountant(rates, steps, 1.0, delta, prior)
-  worst = lambda z: max(probe.node_epsilon(i, s * rounds, z) for i, s in enumerate(steps))
+  worst = lambda z, accountant="pld": max(probe.node_epsilon(i, s * rounds, z, accountant)
+                                         for i, s in enumerate(steps))
   if p.dp_noise_multiplier is None:
     sigma = privacy.calibrate(p.dp_target_epsilon, list(rates), list(steps * rounds), delta, worst)
     if verbose:
