@@ -105,16 +105,19 @@ def make_client_app(prepare: Optional[Callable[[Config], Any]] = None) -> Client
           states[int(f.stem.split("_")[1])] = jax.tree.unflatten(treedef, [jnp.asarray(z[k]) for k in sorted(z)])
     return NodeHistory(states=states) if states else NodeHistory(program.init_state())  # (initialised once)
 
-  def keep(context: Context, program: NodeProgram, h: NodeHistory) -> None:
-    for k in [k for k in context.state.keys() if k.startswith(STATE_KEY)]:
+  def keep(context: Context, program: NodeProgram, h: NodeHistory, new: int) -> None:
+    """Writes round ``new``'s state (just put: it may replace one of a rolled-back round) and any other state of
+    ``h`` not yet kept into ``Context.state`` and the state-dir, and drops the states ``h`` let go."""
+    for k in [k for k in context.state.keys() if k.startswith(STATE_KEY) and int(k[len(STATE_KEY):]) not in h.states]:
       del context.state[k]
     for r, state in h.states.items():
-      context.state[f"{STATE_KEY}{r}"] = _state_record(state)
+      if r == new or f"{STATE_KEY}{r}" not in context.state:
+        context.state[f"{STATE_KEY}{r}"] = _state_record(state)
     if (folder := _state_dir(context, program)) is not None:
       folder.mkdir(parents=True, exist_ok=True)
       for r, state in h.states.items():
         path = folder / f"state_{r}.npz"
-        if not path.exists():
+        if r == new or not path.exists():
           tmp = folder / f".state_{r}.tmp.npz"
           np.savez(tmp, **{f"{i:05d}": np.asarray(x) for i, x in enumerate(jax.tree.leaves(state))})
           tmp.replace(path)
@@ -134,7 +137,7 @@ def make_client_app(prepare: Optional[Callable[[Config], Any]] = None) -> Client
     h, r = history(context, program, treedef), int(config["server_round"])
     state, metrics = program.train(h.at(r), record_params(msg.content["arrays"]), r, int(config["steps"]))
     h.put(r + 1, state)
-    keep(context, program, h)
+    keep(context, program, h, r + 1)
     metrics["num-examples"] = len(program.train_rows)
     return Message(RecordDict({"arrays": params_record(state.params), "metrics": MetricRecord(metrics)}),
                    reply_to=msg)

@@ -172,10 +172,10 @@ class PopulationRound:
       leaves = self.store.gather_host(ids)
     self._next = None
     if last is not None:  # rows the last round trained are newer than the store's (written back meanwhile)
-      at = {c: i for i, c in enumerate(last[0])}
-      pos = np.array([(j, at[c]) for j, c in enumerate(ids) if c in at], np.int64).reshape(-1, 2)
+      both = np.flatnonzero(np.isin(ids, last[0]))
+      src = np.searchsorted(last[0], ids[both])  # (cohorts are sorted)
       for leaf, new in zip(leaves, last[1]):
-        leaf[pos[:, 0]] = new[pos[:, 1]]
+        leaf[both] = new[src]
     return jax.tree.unflatten(self.store.treedef, [jnp.asarray(x) for x in leaves]), last
 
   def flush(self) -> None:
@@ -214,8 +214,7 @@ class PopulationRound:
       return None
     state, meta = found
     if self.store is not None:
-      self.store.load(state["store"])
-      self._next = None  # (flushed by checkpoint_state above)
+      self.store.load(state["store"])  # (checkpoint_state above flushed the pipeline)
     say(f"resumed the population of {self.population} at round {meta['round']}")
     return jax.tree.map(jnp.asarray, state["server"])
 

@@ -406,16 +406,19 @@ def heads_stage(round_fn, data: engine.RoundData, place: distributed.Placement, 
   return stage
 
 
-def _noise(cfg: Config, rates: list[float], steps: list[int], delta: float, verbose: bool) -> tuple[Config, float]:
+def _noise(cfg: Config, rates: list[float], steps: list[int], delta: float, verbose: bool,
+           worst: Optional[Any] = None, composed: bool = False) -> tuple[Config, float]:
   """The noise multiplier (calibrated to ``dp_target_epsilon`` for ``steps`` when that is given, and printed), and
-  the config the programs are built from (with that multiplier)."""
+  the config the programs are built from (with that multiplier). ``worst``: ``privacy.calibrate``'s, when a node's
+  epsilon is more than its own steps' (``composed``: with its generators' DP-SGD)."""
   p = cfg.privacy
   sigma = p.dp_noise_multiplier
   if sigma is None:
-    sigma = privacy.calibrate(p.dp_target_epsilon, rates, steps, delta)
+    sigma = privacy.calibrate(p.dp_target_epsilon, rates, steps, delta, worst)
     if verbose:
       print(f"DP: noise multiplier {sigma:.4f} calibrated for epsilon {p.dp_target_epsilon} at delta {delta:.3g} "
-            f"after {cfg.federation.global_rounds} rounds (every node sampled every round)")
+            f"after {cfg.federation.global_rounds} rounds (every node sampled every round"
+            + (", composed with the generators' DP-SGD)" if composed else ")"))
   privacy_cfg = dataclasses.replace(p, dp_noise_multiplier=float(sigma), dp_target_epsilon=None)
   return dataclasses.replace(cfg, privacy=privacy_cfg), float(sigma)
 
@@ -450,15 +453,7 @@ def start_privacy(cfg: Config, lay: Layout, verbose: bool, generators_dp: Option
   probe = privacy.RecordAccountant(rates, steps, 1.0, delta, prior)
   worst = lambda z, accountant="pld": max(probe.node_epsilon(i, s * rounds, z, accountant)
                                          for i, s in enumerate(steps))
-  if p.dp_noise_multiplier is None:
-    sigma = privacy.calibrate(p.dp_target_epsilon, list(rates), list(steps * rounds), delta, worst)
-    if verbose:
-      print(f"DP: noise multiplier {sigma:.4f} calibrated for epsilon {p.dp_target_epsilon} at delta {delta:.3g} "
-            f"after {rounds} rounds (every node sampled every round"
-            + (", composed with the generators' DP-SGD)" if prior else ")"))
-    cfg = dataclasses.replace(cfg, privacy=dataclasses.replace(p, dp_noise_multiplier=float(sigma),
-                                                               dp_target_epsilon=None))
-  sigma = cfg.privacy.dp_noise_multiplier
+  cfg, sigma = _noise(cfg, list(rates), list(steps * rounds), delta, verbose, worst, composed=bool(prior))
   if verbose:
     print(f"DP (record level): clip {p.dp_l2_clip}, noise multiplier {sigma:.4f}, delta {delta:.3g}; node sampling "
           f"rates {np.round(rates, 4).tolist()}, DP steps per round {steps.tolist()}"
