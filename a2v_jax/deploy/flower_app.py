@@ -15,6 +15,7 @@ survives however the SuperNode runs its ClientApp.
 
 from __future__ import annotations
 
+import copy
 import itertools
 import json
 import sys
@@ -31,6 +32,7 @@ from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
 
 from a2v_jax.config import Config
+from a2v_jax.deploy import secure
 from a2v_jax.deploy.node import SPLITS, DeploymentError, NodeProgram
 from a2v_jax.deploy.run import EvalReplies, NodeHistory, run_deployment
 from a2v_jax.errors import A2VError
@@ -71,10 +73,11 @@ def _state_record(state: Any) -> ArrayRecord:
 # The node's side.
 
 
-def make_client_app(prepare: Optional[Callable[[Config], Any]] = None) -> ClientApp:
+def make_client_app(prepare: Optional[Callable[[Config], Any]] = None, mods: Sequence[Any] = ()) -> ClientApp:
   """The ClientApp; ``prepare(cfg)`` gives the trainer's ``Prepared`` (tests pass synthetic data), else the
-  node prepares from the config like ``experiments.run``."""
-  app = ClientApp()
+  node prepares from the config like ``experiments.run``. ``mods``: Flower mods around every message, after
+  the SecAgg+ one (which acts only on a secure round's messages)."""
+  app = ClientApp(mods=[secure.secure_aggregation_mod, *mods])
   programs: dict[tuple, tuple[NodeProgram, Any]] = {}  # per process: features and compiled programs kept
 
   def node(context: Context) -> tuple[NodeProgram, Any]:
@@ -133,14 +136,21 @@ def make_client_app(prepare: Optional[Callable[[Config], Any]] = None) -> Client
   @app.train()
   def train(msg: Message, context: Context) -> Message:
     program, treedef = node(context)
-    config = msg.content["config"]
+    if secure.is_fit_ins(msg):  # a SecAgg+ round: its reply is masked by secure_aggregation_mod before it leaves
+      global_params, config = secure.read_fit_ins(msg)
+    else:
+      global_params, config = record_params(msg.content["arrays"]), msg.content["config"]
     h, r = history(context, program, treedef), int(config["server_round"])
-    state, metrics = program.train(h.at(r), record_params(msg.content["arrays"]), r, int(config["steps"]))
+    state, metrics = program.train(h.at(r), global_params, r, int(config["steps"]))
+    if secure.is_fit_ins(msg):  # (checked before the state is kept: a refused update leaves the node as it was)
+      reply = secure.fit_res(msg, state.params, global_params, config, len(program.train_rows), metrics)
+    else:
+      metrics["num-examples"] = len(program.train_rows)
+      reply = Message(RecordDict({"arrays": params_record(state.params), "metrics": MetricRecord(metrics)}),
+                      reply_to=msg)
     h.put(r + 1, state)
     keep(context, program, h, r + 1)
-    metrics["num-examples"] = len(program.train_rows)
-    return Message(RecordDict({"arrays": params_record(state.params), "metrics": MetricRecord(metrics)}),
-                   reply_to=msg)
+    return reply
 
   @app.evaluate()
   def evaluate(msg: Message, context: Context) -> Message:
@@ -201,12 +211,20 @@ class FlowerTransport:
   """``deploy.run.Transport`` over a Flower ``Grid``: our node ids <-> Flower's node ids, records <-> arrays."""
 
   def __init__(self, grid: Grid, cfg: Config, *, connect_timeout_s: float = CONNECT_TIMEOUT_S,
-               reply_timeout_s: float = REPLY_TIMEOUT_S):
-    self.grid, self.cfg = grid, cfg
+               reply_timeout_s: float = REPLY_TIMEOUT_S, context: Optional[Context] = None):
+    """``context``: the ServerApp's; its run config's ``secure-aggregation=true`` makes every round a SecAgg+
+    round (``deploy/secure.py``): the server then gets the participants' mean, never one node's heads."""
+    self.grid, self.cfg, self.context = grid, cfg, context
     self.connect_timeout_s, self.reply_timeout_s = connect_timeout_s, reply_timeout_s
     self.flower_id: dict[int, int] = {}
     self.node_of: dict[int, int] = {}  # Flower node id -> partition id
     self.round = 0
+    self.secure: Optional[secure.SecureAggregator] = None
+
+  @property
+  def aggregates(self) -> bool:
+    """Whether rounds go through ``train_mean`` (secure aggregation) rather than ``train``."""
+    return self.context is not None and secure.wanted(self.context.run_config)
 
   def _send(self, node_ids: Sequence[int], kind: str, content: Callable[[], RecordDict]) -> list[Message]:
     msgs = [Message(content(), dst_node_id=i, message_type=kind, group_id=str(self.round)) for i in node_ids]
@@ -229,6 +247,11 @@ class FlowerTransport:
       self.flower_id[d["node_id"]] = r.metadata.src_node_id
       out.append(d)
     self.node_of = {f: i for i, f in self.flower_id.items()}
+    if self.aggregates:
+      from a2v_jax.federated import engine
+      self.secure = secure.SecureAggregator(
+          self.context.run_config, self.cfg.federation.adapter_aggregation_mode == "weighted",
+          max(int(d["train_count"]) for d in out), engine.num_participants(self.cfg, len(out)), self.reply_timeout_s)
     return out
 
   def _node(self, reply: Message) -> int:
@@ -245,6 +268,14 @@ class FlowerTransport:
       metrics = {k: float(v) for k, v in r.content["metrics"].items() if k != "num-examples"}
       out[self._node(r)] = (record_params(r.content["arrays"]), metrics)
     return out
+
+  def train_mean(self, nodes, params, config):
+    """One SecAgg+ round: (the participants' mean heads, or None when it halted; metrics by node)."""
+    self.round += 1
+    reporting = secure.ReportingGrid(self.grid, lambda r: _ok([r], f"round {self.round}", strict=False))
+    mean, metrics = self.secure.round(reporting, self.context, [self.flower_id[i] for i in nodes], params,
+                                      config, self.round)
+    return mean, {self.node_of[f]: m for f, m in metrics.items()}
 
   def evaluate(self, params) -> EvalReplies:
     arrays = params_record(params)
@@ -264,7 +295,8 @@ def make_server_app(verbose: bool = True) -> ServerApp:
       cfg = load_run_config(context.run_config)
       rc = context.run_config
       transport = FlowerTransport(grid, cfg, connect_timeout_s=float(rc.get("connect-timeout-s", CONNECT_TIMEOUT_S)),
-                                  reply_timeout_s=float(rc.get("reply-timeout-s", REPLY_TIMEOUT_S)))
+                                  reply_timeout_s=float(rc.get("reply-timeout-s", REPLY_TIMEOUT_S)),
+                                  context=context)
       resume = str(rc.get("resume", "false")).lower() in ("1", "true", "yes")
       run_deployment(cfg, transport, verbose=verbose, resume=resume)
     except A2VError as e:
@@ -320,6 +352,7 @@ class InProcessGrid(Grid):
   def _deliver(self, msg: Message) -> Optional[Message]:
     if self.drop(msg):
       return None
+    msg = copy.deepcopy(msg)  # what a node receives is its own (over a network, it is deserialised)
     try:
       return self.client_app(msg, self.contexts[msg.metadata.dst_node_id])
     except Exception as e:  # a ClientApp exception reaches the server as an error reply, as in Flower

@@ -36,6 +36,10 @@ class Transport(Protocol):
 
   def evaluate(self, params: Params) -> EvalReplies: ...
 
+  # A transport whose ``aggregates`` is true (secure aggregation) has ``train_mean(nodes, params, config) ->
+  # (mean heads of the nodes that answered, or None; {node: metrics})`` instead: the server never sees one
+  # node's heads.
+
 
 class LocalTransport:
   """Every node in this process (each with its own client state): the deployment without a network.
@@ -119,6 +123,7 @@ def run_deployment(cfg: Config, transport: Transport, *, verbose: bool = True,
   """
   policy = on_node_failure or cfg.federation.deployment_on_node_failure
   program = ServerProgram(cfg, transport.describe())  # every start-up problem before the run directory
+  secure = bool(getattr(transport, "aggregates", False))
   run_dir = run_dir_for(cfg)
   log = RunLog(run_dir, resume=resume, verbose=verbose)
   checkpointer = ckpt_lib.RoundCheckpointer(run_dir / "state", max_to_keep=cfg.federation.max_to_keep)
@@ -150,14 +155,24 @@ def run_deployment(cfg: Config, transport: Transport, *, verbose: bool = True,
   def train(carry, r: int):
     participate = program.sample()
     chosen = [i for i in range(program.num_nodes) if participate[i]]
-    replies = transport.train(chosen, program.params, program.round_config())
-    lost = [i for i in chosen if i not in replies]
+    if secure:
+      mean, metrics = transport.train_mean(chosen, program.params, program.round_config())
+    else:
+      replies = transport.train(chosen, program.params, program.round_config())
+      metrics = {i: m for i, (_, m) in replies.items()}
+    lost = [i for i in chosen if i not in metrics]
     if lost and policy == "stop":
       raise DeploymentError(f"node(s) {lost} did not answer round {r}; stopping (deployment_on_node_failure="
                             f"'stop'; rounds 1..{r - 1} are in {run_dir / 'metrics.jsonl'})")
     missing.extend({"round": r, "node": i} for i in lost)
-    program.aggregate({i: p for i, (p, _) in replies.items()}, participate)
-    row = program.train_row({i: m for i, (_, m) in replies.items()})
+    if secure:
+      if mean is None:
+        raise DeploymentError(f"secure aggregation halted in round {r}: too few nodes answered to unmask the sum "
+                              f"(the nodes' errors are above; rounds 1..{r - 1} are in {run_dir / 'metrics.jsonl'})")
+      program.apply_mean(mean)
+    else:
+      program.aggregate({i: p for i, (p, _) in replies.items()}, participate)
+    row = program.train_row(metrics)
     if lost:
       row["server/nodes_missing"] = len(lost)
     return carry, row

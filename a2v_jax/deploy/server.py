@@ -102,13 +102,15 @@ class ServerProgram:
     server_key, _, rng = engine.init_keys(jax.random.PRNGKey(cfg.experiment.seed), self.num_nodes)
     self.state = engine.init_server(cfg, self.init_fn, server_tx, server_key, rng)
 
-    def step(server: ServerState, stacked: Params, participate: jax.Array):
-      mean = aggregate.weighted_mean(stacked, aggregate.client_weights(mode, jnp.asarray(self.train_count),
-                                                                       participate))
+    def update(server: ServerState, mean: Params):
       params, opt_state = engine.server_update(server_tx, server, mean)
       return server.replace(params=params, opt_state=opt_state, round=server.round + 1)
 
-    self._step = jax.jit(step)
+    def step(server: ServerState, stacked: Params, participate: jax.Array):
+      return update(server, aggregate.weighted_mean(stacked, aggregate.client_weights(
+          mode, jnp.asarray(self.train_count), participate)))
+
+    self._step, self._update = jax.jit(step), jax.jit(update)
     self._sample = jax.jit(lambda rng: engine.sample_participants(rng, self.num_nodes, self.participants,
                                                                   jnp.asarray(self.train_count)))
 
@@ -135,6 +137,10 @@ class ServerProgram:
                            *[replies[i] if counted[i] else zeros for i in range(self.num_nodes)])
     self.state = self._step(self.state, stacked, jnp.asarray(counted))
     return counted
+
+  def apply_mean(self, mean: Params) -> None:
+    """The server step on a mean aggregated elsewhere (SecAgg+ gives only the participants' weighted mean)."""
+    self.state = self._update(self.state, jax.tree.map(jnp.asarray, mean))
 
   def train_row(self, metrics: Mapping[int, Mapping[str, float]]) -> dict[str, float]:
     """``train/node_{i}/{branch}_loss`` of every node, 0.0 for a node that did not train (as the engine logs)."""
