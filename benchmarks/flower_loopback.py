@@ -3,6 +3,7 @@ a2v-jax Flower App; optionally one SuperNode killed after round 1. Needs the ``[
 
   python -m benchmarks.flower_loopback --nodes 2 --rounds 2 --out checkpoints/flower_loopback
   python -m benchmarks.flower_loopback --nodes 2 --rounds 3 --kill-node 1 --set deployment_on_node_failure=\\"continue\\"
+  python -m benchmarks.flower_loopback --nodes 2 --rounds 3 --secure   # SecAgg+ rounds
 
 Writes ``{out}/result.json`` (rows, rounds/s, what happened to the killed node) and the run directory
 ``{out}/runs/loopback``; the processes' logs are ``{out}/*.log``. Every process is stopped at the end.
@@ -71,7 +72,7 @@ def _wait_rows(path: Path, n: int, timeout_s: float, procs: list) -> None:
 
 
 def run(nodes: int, rounds: int, out: Path, *, kill_node: int | None = None, extra: list[str] = (),
-        reply_timeout_s: float = 120.0, timeout_s: float = 900.0) -> dict:
+        reply_timeout_s: float = 120.0, timeout_s: float = 900.0, secure: bool = False) -> dict:
   out = Path(out).resolve()
   if out.exists():
     shutil.rmtree(out)
@@ -99,7 +100,7 @@ def run(nodes: int, rounds: int, out: Path, *, kill_node: int | None = None, ext
   sets = SETTINGS + [f"num_nodes={nodes}", f"global_rounds={rounds}", f'output_dir="{out / "runs"}"',
                      'name="loopback"', f'cache_dir="{out / "cache"}"', f'tiny_dir="{out / "tiny"}"', *extra]
   run_config = (f"config='{ROOT / 'experiments/configs/fsdd_tiny.json'}' set='{';'.join(sets)}' "
-                f"reply-timeout-s={reply_timeout_s}")
+                f"reply-timeout-s={reply_timeout_s}" + (" secure-aggregation=true" if secure else ""))
   t0 = time.time()
   procs.append(start("flwr_run", [_bin("flwr"), "run", str(APP), "loopback", "--run-config", run_config, "--stream"]))
   killed = None
@@ -119,7 +120,7 @@ def run(nodes: int, rounds: int, out: Path, *, kill_node: int | None = None, ext
       f.close()
   rows = [json.loads(l) for l in metrics.read_text().splitlines()] if metrics.is_file() else []
   summary = out / "runs" / "loopback" / "summary.json"
-  result = {"nodes": nodes, "rounds": rounds, "rows": len(rows), "finished": summary.is_file(), "wall_s": round(wall, 1),
+  result = {"nodes": nodes, "rounds": rounds, "secure_aggregation": secure, "rows": len(rows), "finished": summary.is_file(), "wall_s": round(wall, 1),
             "mean_round_seconds": (round(sum(r["round_seconds"] for r in rows) / len(rows), 2) if rows else None),
             "killed": killed, "nodes_missing": [r.get("server/nodes_missing", 0) for r in rows]}
   (out / "result.json").write_text(json.dumps(result, indent=2) + "\n")
@@ -134,9 +135,10 @@ def main(argv=None) -> int:
   p.add_argument("--kill-node", type=non_negative_int, default=None, help="SIGKILL this SuperNode after round 1")
   p.add_argument("--reply-timeout-s", type=positive_float, default=120.0)
   p.add_argument("--set", action="append", default=[], help="key=value override of the experiment config")
+  p.add_argument("--secure", action="store_true", help="secure aggregation (SecAgg+: run config secure-aggregation)")
   args = p.parse_args(argv)
   result = run(args.nodes, args.rounds, Path(args.out), kill_node=args.kill_node, extra=args.set,
-               reply_timeout_s=args.reply_timeout_s)
+               reply_timeout_s=args.reply_timeout_s, secure=args.secure)
   print(json.dumps(result, indent=2))
   return 0 if result["finished"] else 1
 

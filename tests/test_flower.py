@@ -3,6 +3,7 @@ same server metrics as the vmapped engine, a lost node, a node that fails at sta
 
 import json
 import os
+from pathlib import Path
 
 import pytest
 
@@ -103,6 +104,23 @@ def test_loopback_deployment_with_a_supernode_killed_after_round_1(tmp_path, pol
     return
   assert result["finished"] and result["nodes_missing"] == [0, 1, 1], result
   assert rows[2]["train/node_1/clip_loss"] == 0.0 and "test/server/clip_accuracy_on_test" in rows[2]
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not os.environ.get("A2V_LOOPBACK"), reason="README's TLS commands on loopback (minutes, port 9093): "
+                    "A2V_LOOPBACK=1 runs it; benchmarks/flower_secure.py --restarts is the same as a script")
+def test_readme_s_tls_commands_run_as_written_and_the_run_survives_superlink_and_supernode_restarts(tmp_path):
+  """README's commands as written (TLS from make_certs.sh, --database, node authentication, own folders); then again
+  with the SuperLink SIGKILLed and restarted after round 1 and SuperNode 1 after round 3: the same rows."""
+  from benchmarks import flower_secure
+  plain = flower_secure.run_commands(tmp_path / "plain")
+  restarted = flower_secure.run_commands(tmp_path / "restarted", kill_superlink_after=1, restart_node=(1, 3))
+  assert plain["finished"] and restarted["finished"], (plain, restarted)
+  events = [e["event"] for e in restarted["events"]]
+  assert "superlink restarted" in events and "supernode 1 restarted" in events
+  rows = [[json.loads(l) for l in Path(r["metrics"]).read_text().splitlines()] for r in (plain, restarted)]
+  assert len(rows[0]) == plain["rounds"]
+  assert flower_secure.largest_difference(*rows) < 1e-5
 
 
 class _ServerKilled(BaseException):
