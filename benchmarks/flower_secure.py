@@ -222,6 +222,10 @@ def run_commands(out: Path, *, kill_superlink_after: Optional[int] = None,
         del pending["node"]
       time.sleep(0.5)
     wall = time.time() - t_run
+    try:
+      flwr_run.wait(timeout=60)  # (its stream ends with the run)
+    except subprocess.TimeoutExpired:
+      pass
   finally:
     site.stop()
   rows = site.rows()

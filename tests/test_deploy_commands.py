@@ -37,6 +37,26 @@ def test_readme_commands_use_only_options_the_pinned_flower_has():
   assert "--auth-supernode-private-key" in commands["supernode"] and "$((9094 + I))" in commands["supernode"]
 
 
+def test_every_run_config_readme_and_the_benchmarks_give_is_declared_in_the_flower_app():
+  """The SuperLink refuses a run whose run config names a key the app's pyproject does not declare ("Invalid run
+  configuration"): README's run and resume lines, and secure aggregation's keys."""
+  import tomllib
+  from flwr.common.config import fuse_dicts, parse_config_args
+  from a2v_jax.deploy import secure
+  app = tomllib.loads((ROOT / "a2v_jax/deploy/flower_project/pyproject.toml").read_text())
+  defaults = app["tool"]["flwr"]["app"]["config"]
+  commands = {c.role: c.line for c in readme_commands(README.read_text())}
+  for role in ("run", "resume"):
+    value = re.search(r'--run-config "([^"]*)"', commands[role]).group(1)
+    fuse_dicts(defaults, parse_config_args([value]))
+  fused = fuse_dicts(defaults, parse_config_args(["secure-aggregation=true secagg-clipping-range=0.5 "
+                                                  "secagg-num-shares=3 secagg-threshold=2 reply-timeout-s=90"]))
+  assert fused["secagg-num-shares"] == 3 and secure.wanted(fused) and not secure.wanted(defaults)
+  assert set(secure.DEFAULTS) <= set(defaults) and {"resume", "connect-timeout-s"} <= set(defaults)
+  with pytest.raises(ValueError, match="not present"):
+    fuse_dicts(defaults, parse_config_args(["secure-aggregatoin=true"]))
+
+
 def test_readme_block_is_refused_when_a_command_is_missing_or_unknown():
   text = README.read_text()
   with pytest.raises(ValueError, match="want"):
