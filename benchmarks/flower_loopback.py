@@ -72,7 +72,8 @@ def _wait_rows(path: Path, n: int, timeout_s: float, procs: list) -> None:
 
 
 def run(nodes: int, rounds: int, out: Path, *, kill_node: int | None = None, extra: list[str] = (),
-        reply_timeout_s: float = 120.0, timeout_s: float = 900.0, secure: bool = False) -> dict:
+        reply_timeout_s: float = 120.0, timeout_s: float = 900.0, secure: bool = False,
+        rejoin_wait_s: float = 0.0) -> dict:
   out = Path(out).resolve()
   if out.exists():
     shutil.rmtree(out)
@@ -100,7 +101,8 @@ def run(nodes: int, rounds: int, out: Path, *, kill_node: int | None = None, ext
   sets = SETTINGS + [f"num_nodes={nodes}", f"global_rounds={rounds}", f'output_dir="{out / "runs"}"',
                      'name="loopback"', f'cache_dir="{out / "cache"}"', f'tiny_dir="{out / "tiny"}"', *extra]
   run_config = (f"config='{ROOT / 'experiments/configs/fsdd_tiny.json'}' set='{';'.join(sets)}' "
-                f"reply-timeout-s={reply_timeout_s}" + (" secure-aggregation=true" if secure else ""))
+                f"reply-timeout-s={reply_timeout_s} rejoin-wait-s={rejoin_wait_s}"
+                + (" secure-aggregation=true" if secure else ""))
   t0 = time.time()
   procs.append(start("flwr_run", [_bin("flwr"), "run", str(APP), "loopback", "--run-config", run_config, "--stream"]))
   killed = None

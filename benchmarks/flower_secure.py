@@ -188,7 +188,7 @@ def run_commands(out: Path, *, kill_superlink_after: Optional[int] = None,
       site.start(commands["supernode"], i)
     t_run = time.time()
     flwr_run = site.start(commands["run"])
-    last_row, rows_seen, stream_ended = time.time(), 0, False
+    last_row, rows_seen, stream_ended, rejoin = time.time(), 0, False, None
     # The run ends when its summary is written. (`flwr run --stream` exits when the SuperLink it streams from goes
     # away, while the ServerApp goes on: then it is waited for by its rows, up to STALL_S without a new one.)
     while not (site.metrics() and (site.metrics().parent / "summary.json").is_file()):
@@ -217,9 +217,21 @@ def run_commands(out: Path, *, kill_superlink_after: Optional[int] = None,
         os.killpg(site.procs[f"supernode{i}"].pid, signal.SIGKILL)  # the SuperNode and its ClientApp processes
         site.procs[f"supernode{i}"].wait()
         site.note(f"supernode {i} SIGKILLed", after_round=done)
-        site.start(commands["supernode"], i, tag="_restarted")
-        site.note(f"supernode {i} restarted")
         del pending["node"]
+        rejoin = {"tries": 0, "next": time.time()}
+      # A restarted SuperNode is refused (exit 305) until the SuperLink has counted it offline (2 missed
+      # heartbeats, ~60 s): started again, as a service manager would, until it stays up.
+      if rejoin is not None and time.time() >= rejoin["next"]:
+        proc = site.procs[f"supernode{restart_node[0]}"]
+        if rejoin["tries"] and proc.poll() is None:
+          site.note(f"supernode {restart_node[0]} up again", tries=rejoin["tries"])
+          rejoin = None
+        else:
+          if rejoin["tries"]:
+            site.note(f"supernode {restart_node[0]} restart refused", exit=proc.returncode)
+          rejoin["tries"] += 1
+          site.start(commands["supernode"], restart_node[0], tag=f"_restarted{rejoin['tries']}")
+          rejoin["next"] = time.time() + 20
       time.sleep(0.5)
     wall = time.time() - t_run
     try:

@@ -29,6 +29,7 @@ import numpy as np
 from flax import traverse_util
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
+from flwr.common.constant import ErrorCode
 from flwr.serverapp import Grid, ServerApp
 
 from a2v_jax.config import Config
@@ -43,6 +44,11 @@ STATE_KEY = "a2v_client_state_r"  # + the number of rounds the state includes
 # connect-timeout-s / reply-timeout-s): a node silent past the reply timeout is a lost node.
 CONNECT_TIMEOUT_S = 600.0
 REPLY_TIMEOUT_S = 3600.0
+# How long a round waits for a node Flower reports unavailable to come back (run config rejoin-wait-s): Flower
+# marks a dead SuperNode unavailable after 2 missed heartbeats (~60 s) and refuses its restart until then, so a
+# restarted node rejoins 1-2 minutes after it died. Asked again every REJOIN_POLL_S.
+REJOIN_WAIT_S = 300.0
+REJOIN_POLL_S = 5.0
 
 
 def load_run_config(run_config: Mapping[str, Any]) -> Config:
@@ -186,15 +192,19 @@ def _state_dir(context: Context, program: NodeProgram) -> Optional[Path]:
 # The server's side.
 
 
-def _ok(replies: Iterable[Message], what: str, strict: bool) -> list[Message]:
-  good = []
-  for r in replies:
+def _ok(replies: Mapping[int, Message], what: str, strict: bool, name: Callable[[int], str] = str
+        ) -> dict[int, Message]:
+  """The replies without an error (by Flower node id); each error is reported naming its node -- or, with
+  ``strict``, ends the run."""
+  good = {}
+  for node, r in replies.items():
     if r.has_error():
+      line = f"node {name(node)} failed the {what}: {r.error.reason}"
       if strict:
-        raise DeploymentError(f"node {r.metadata.src_node_id} failed the {what}: {r.error.reason}")
-      print(f"server: node {r.metadata.src_node_id} failed the {what}: {r.error.reason}", file=sys.stderr)
+        raise DeploymentError(line)
+      print(f"server: {line}", file=sys.stderr)
       continue
-    good.append(r)
+    good[node] = r
   return good
 
 
@@ -211,11 +221,12 @@ class FlowerTransport:
   """``deploy.run.Transport`` over a Flower ``Grid``: our node ids <-> Flower's node ids, records <-> arrays."""
 
   def __init__(self, grid: Grid, cfg: Config, *, connect_timeout_s: float = CONNECT_TIMEOUT_S,
-               reply_timeout_s: float = REPLY_TIMEOUT_S, context: Optional[Context] = None):
+               reply_timeout_s: float = REPLY_TIMEOUT_S, rejoin_wait_s: float = REJOIN_WAIT_S,
+               context: Optional[Context] = None):
     """``context``: the ServerApp's; its run config's ``secure-aggregation=true`` makes every round a SecAgg+
     round (``deploy/secure.py``): the server then gets the participants' mean, never one node's heads."""
     self.grid, self.cfg, self.context = grid, cfg, context
-    self.connect_timeout_s, self.reply_timeout_s = connect_timeout_s, reply_timeout_s
+    self.connect_timeout_s, self.reply_timeout_s, self.rejoin_wait_s = connect_timeout_s, reply_timeout_s, rejoin_wait_s
     self.flower_id: dict[int, int] = {}
     self.node_of: dict[int, int] = {}  # Flower node id -> partition id
     self.round = 0
@@ -226,9 +237,34 @@ class FlowerTransport:
     """Whether rounds go through ``train_mean`` (secure aggregation) rather than ``train``."""
     return self.context is not None and secure.wanted(self.context.run_config)
 
-  def _send(self, node_ids: Sequence[int], kind: str, content: Callable[[], RecordDict]) -> list[Message]:
-    msgs = [Message(content(), dst_node_id=i, message_type=kind, group_id=str(self.round)) for i in node_ids]
-    return list(self.grid.send_and_receive(msgs, timeout=self.reply_timeout_s))
+  def _send(self, node_ids: Sequence[int], kind: str, content: Callable[[], RecordDict]) -> dict[int, Message]:
+    """Each node's reply (or error) by Flower node id, within the reply timeout. A node Flower reports unavailable
+    (it missed its heartbeats: a SuperNode that died) is asked again every ``REJOIN_POLL_S`` for ``rejoin-wait-s``
+    (run config): a restarted SuperNode answers the round from its kept state, so the round is the one it would
+    have been. Its error stands once the wait is over."""
+    deadline = time.time() + self.reply_timeout_s
+    rejoin_until = min(time.time() + self.rejoin_wait_s, deadline)
+    todo, replies = list(node_ids), {}
+    while todo:
+      msgs = [Message(content(), dst_node_id=i, message_type=kind, group_id=str(self.round)) for i in todo]
+      got = list(self.grid.send_and_receive(msgs, timeout=max(deadline - time.time(), 1.0)))
+      node_of_msg = {m.metadata.message_id: m.metadata.dst_node_id for m in msgs}
+      todo = []
+      for r in got:
+        node = node_of_msg.get(r.metadata.reply_to_message_id, r.metadata.src_node_id)
+        replies[node] = r
+        if r.has_error() and r.error.code == ErrorCode.NODE_UNAVAILABLE and time.time() < rejoin_until:
+          todo.append(node)
+      if todo:
+        print(f"server: node(s) {[self._name(n) for n in todo]} unavailable in the {kind} of round {self.round}; "
+              f"asking again until they rejoin (rejoin-wait-s, {max(rejoin_until - time.time(), 0):.0f} s left)",
+              file=sys.stderr)
+        time.sleep(REJOIN_POLL_S)
+    return replies
+
+  def _name(self, flower_node: int) -> str:
+    return (f"{self.node_of[flower_node]} (Flower node {flower_node})" if flower_node in self.node_of
+            else f"(Flower node {flower_node})")
 
   def describe(self) -> list[dict[str, Any]]:
     want = self.cfg.data.num_nodes
@@ -237,14 +273,14 @@ class FlowerTransport:
       if time.time() > deadline:
         raise DeploymentError(f"{len(ids)} of {want} node(s) connected within {self.connect_timeout_s:.0f} s")
       time.sleep(0.5)
-    replies = _ok(self._send(ids, "query", RecordDict), "start-up query", strict=True)
+    replies = _ok(self._send(ids, "query", RecordDict), "start-up query", strict=True, name=self._name)
     out = []
-    for r in replies:
+    for flower_node, r in replies.items():
       d = json.loads(r.content["node"]["describe"])
       if d["node_id"] in self.flower_id:
-        raise DeploymentError(f"two SuperNodes ({self.flower_id[d['node_id']]} and {r.metadata.src_node_id}) "
+        raise DeploymentError(f"two SuperNodes ({self.flower_id[d['node_id']]} and {flower_node}) "
                               f"hold partition-id {d['node_id']}")
-      self.flower_id[d["node_id"]] = r.metadata.src_node_id
+      self.flower_id[d["node_id"]] = flower_node
       out.append(d)
     self.node_of = {f: i for i, f in self.flower_id.items()}
     if self.aggregates:
@@ -254,25 +290,23 @@ class FlowerTransport:
           max(int(d["train_count"]) for d in out), engine.num_participants(self.cfg, len(out)), self.reply_timeout_s)
     return out
 
-  def _node(self, reply: Message) -> int:
-    return self.node_of[reply.metadata.src_node_id]
-
   def train(self, nodes, params, config):
     self.round += 1
     arrays = params_record(params)
     replies = _ok(self._send([self.flower_id[i] for i in nodes], "train",
                              lambda: RecordDict({"arrays": arrays, "config": ConfigRecord(dict(config))})),
-                  f"round {self.round}", strict=False)
+                  f"round {self.round}", strict=False, name=self._name)
     out = {}
-    for r in replies:
+    for flower_node, r in replies.items():
       metrics = {k: float(v) for k, v in r.content["metrics"].items() if k != "num-examples"}
-      out[self._node(r)] = (record_params(r.content["arrays"]), metrics)
+      out[self.node_of[flower_node]] = (record_params(r.content["arrays"]), metrics)
     return out
 
   def train_mean(self, nodes, params, config):
     """One SecAgg+ round: (the participants' mean heads, or None when it halted; metrics by node)."""
     self.round += 1
-    reporting = secure.ReportingGrid(self.grid, lambda r: _ok([r], f"round {self.round}", strict=False))
+    reporting = secure.ReportingGrid(
+        self.grid, lambda r: _ok({r.metadata.src_node_id: r}, f"round {self.round}", strict=False, name=self._name))
     mean, metrics = self.secure.round(reporting, self.context, [self.flower_id[i] for i in nodes], params,
                                       config, self.round)
     return mean, {self.node_of[f]: m for f, m in metrics.items()}
@@ -280,9 +314,9 @@ class FlowerTransport:
   def evaluate(self, params) -> EvalReplies:
     arrays = params_record(params)
     replies = _ok(self._send(list(self.flower_id.values()), "evaluate", lambda: RecordDict({"arrays": arrays})),
-                  f"evaluation of round {self.round}", strict=False)
-    return {self._node(r): {s: (_metrics_of(r, "server", s), _metrics_of(r, "node", s)) for s in SPLITS}
-            for r in replies}
+                  f"evaluation of round {self.round}", strict=False, name=self._name)
+    return {self.node_of[f]: {s: (_metrics_of(r, "server", s), _metrics_of(r, "node", s)) for s in SPLITS}
+            for f, r in replies.items()}
 
 
 def make_server_app(verbose: bool = True) -> ServerApp:
@@ -296,7 +330,7 @@ def make_server_app(verbose: bool = True) -> ServerApp:
       rc = context.run_config
       transport = FlowerTransport(grid, cfg, connect_timeout_s=float(rc.get("connect-timeout-s", CONNECT_TIMEOUT_S)),
                                   reply_timeout_s=float(rc.get("reply-timeout-s", REPLY_TIMEOUT_S)),
-                                  context=context)
+                                  rejoin_wait_s=float(rc.get("rejoin-wait-s", REJOIN_WAIT_S)), context=context)
       resume = str(rc.get("resume", "false")).lower() in ("1", "true", "yes")
       run_deployment(cfg, transport, verbose=verbose, resume=resume)
     except A2VError as e:
@@ -324,7 +358,8 @@ class InProcessGrid(Grid):
   """
 
   def __init__(self, client_app: ClientApp, num_nodes: int, run_config: Mapping[str, Any],
-               drop: Optional[Callable[[Message], bool]] = None, node_config: Optional[Mapping[str, Any]] = None):
+               drop: Optional[Callable[[Message], Any]] = None, node_config: Optional[Mapping[str, Any]] = None):
+    """``drop(msg)``: True loses the message (a node that never answers), an ``Error`` is the reply instead."""
     self.client_app = client_app
     self.drop = drop or (lambda m: False)
     self.contexts = {7919 * (i + 1): Context(run_id=1, node_id=7919 * (i + 1),
@@ -350,7 +385,10 @@ class InProcessGrid(Grid):
     return list(self.contexts)
 
   def _deliver(self, msg: Message) -> Optional[Message]:
-    if self.drop(msg):
+    verdict = self.drop(msg)
+    if isinstance(verdict, Error):  # what the SuperLink answers for a node that is away (e.g. NODE_UNAVAILABLE)
+      return Message(verdict, reply_to=msg)
+    if verdict:
       return None
     msg = copy.deepcopy(msg)  # what a node receives is its own (over a network, it is deserialised)
     try:
@@ -361,7 +399,8 @@ class InProcessGrid(Grid):
   def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
     ids = []
     for m in messages:
-      ids.append(str(next(self._ids)))
+      ids.append(f"{next(self._ids)}")
+      m.metadata.__dict__["_message_id"] = ids[-1]  # (Flower's grids set the id of what they push)
       reply = self._deliver(m)
       if reply is not None:  # a dropped message gets an id that never has a reply, as a lost node's
         self._replies[ids[-1]] = reply
