@@ -226,7 +226,8 @@ class FlowerTransport:
     """``context``: the ServerApp's; its run config's ``secure-aggregation=true`` makes every round a SecAgg+
     round (``deploy/secure.py``): the server then gets the participants' mean, never one node's heads."""
     self.grid, self.cfg, self.context = grid, cfg, context
-    self.connect_timeout_s, self.reply_timeout_s, self.rejoin_wait_s = connect_timeout_s, reply_timeout_s, rejoin_wait_s
+    self.connect_timeout_s, self.reply_timeout_s = connect_timeout_s, reply_timeout_s
+    self.rejoin_wait_s = rejoin_wait_s
     self.flower_id: dict[int, int] = {}
     self.node_of: dict[int, int] = {}  # Flower node id -> partition id
     self.round = 0
