@@ -247,7 +247,7 @@ def run_commands(out: Path, *, kill_superlink_after: Optional[int] = None,
           "flwr_run_exit": flwr_run.returncode, "wall_s": round(wall, 1),
           "first_round_s": round(times[0], 1) if times else None,
           "mean_round_s_after_first": round(sum(times[1:]) / len(times[1:]), 2) if len(times) > 1 else None,
-          "events": site.events, "metrics": str(site.metrics())}
+          "events": site.events, "metrics": str(site.metrics()) if site.metrics() else None}
 
 
 def largest_difference(a: list[dict], b: list[dict]) -> float:
@@ -277,7 +277,7 @@ def main(argv=None) -> int:
     result["restarted"] = run_commands(out / "restarted", kill_superlink_after=1, restart_node=(1, 3),
                                        timeout_s=args.timeout_s)
     rows = [[json.loads(l) for l in Path(result[k]["metrics"]).read_text().splitlines()]
-            if result[k]["metrics"] != "None" else [] for k in ("plain", "restarted")]
+            if result[k]["metrics"] else [] for k in ("plain", "restarted")]
     result["largest_difference"] = largest_difference(*rows)
   (out / "result.json").write_text(json.dumps(result, indent=2) + "\n")
   print(json.dumps(result, indent=2))
