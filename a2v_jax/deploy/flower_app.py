@@ -142,13 +142,14 @@ def make_client_app(prepare: Optional[Callable[[Config], Any]] = None, mods: Seq
   @app.train()
   def train(msg: Message, context: Context) -> Message:
     program, treedef = node(context)
-    if secure.is_fit_ins(msg):  # a SecAgg+ round: its reply is masked by secure_aggregation_mod before it leaves
+    secure_round = secure.is_fit_ins(msg)  # a SecAgg+ round: its reply is masked by secure_aggregation_mod
+    if secure_round:
       global_params, config = secure.read_fit_ins(msg)
     else:
       global_params, config = record_params(msg.content["arrays"]), msg.content["config"]
     h, r = history(context, program, treedef), int(config["server_round"])
     state, metrics = program.train(h.at(r), global_params, r, int(config["steps"]))
-    if secure.is_fit_ins(msg):  # (checked before the state is kept: a refused update leaves the node as it was)
+    if secure_round:  # (checked before the state is kept: a refused update leaves the node as it was)
       reply = secure.fit_res(msg, state.params, global_params, config, len(program.train_rows), metrics)
     else:
       metrics["num-examples"] = len(program.train_rows)
